@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: install data run test bench clean
+
+install: $(STAMP) data
+
+# Re-installs only when pyproject.toml changes, so a second call is quick.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# The embedded default dataset: Debian's Fashion-MNIST IDX files (root only).
+data:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST missing at $(FASHION_MNIST): run 'sudo apt-get install dataset-fashion-mnist'"; \
+	  fi; \
+	fi
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) scripts/bench_predict.py
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

@@ -1,0 +1,403 @@
+"""WeightPredictor against independent float64 computations of PAPER.md's rules."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import xgrad.predict
+from xgrad import WeightPredictor
+from xgrad.optim import AdaBelief, AdaM3
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def _train(opt: torch.optim.Optimizer, params, steps: int, seed: int = 1) -> None:
+    """A few updates with random gradients (a fixed generator, so runs are repeatable)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+# Each case: (name, factory, expected Δ̂ per parameter from the state in float64).
+def _adam_delta(opt, p, group, second="exp_avg_sq", eps_out=True):
+    st = opt.state[p]
+    t = float(st["step"])
+    b1, b2 = group["betas"]
+    m_hat = st["exp_avg"].double() / (1 - b1**t)
+    v_hat = st[second].double() / (1 - b2**t)
+    return m_hat / (v_hat.sqrt() + (group["eps"] if eps_out else 0.0))
+
+
+def _buffer_delta(opt, p, group):
+    return opt.state[p]["momentum_buffer"].double()
+
+
+CASES = {
+    "sgdm": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), _buffer_delta),
+    "sgdm_wd_damp_nesterov": (
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, weight_decay=1e-2, nesterov=True),
+        _buffer_delta,
+    ),
+    "sgdm_dampening": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.3), _buffer_delta),
+    "rmsprop_momentum": (lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9), _buffer_delta),
+    "rmsprop_centered_momentum": (
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5, centered=True, weight_decay=1e-3),
+        _buffer_delta,
+    ),
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=1e-3), _adam_delta),
+    "adam_l2_betas": (lambda ps: torch.optim.Adam(ps, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=5e-4), _adam_delta),
+    "adam_large_eps": (lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=0.1), _adam_delta),
+    "adam_amsgrad": (
+        lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True),
+        lambda o, p, g: _adam_delta(o, p, g, second="max_exp_avg_sq"),
+    ),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2), _adam_delta),
+    "adabelief": (
+        lambda ps: AdaBelief(ps, lr=1e-3, eps=1e-16),
+        lambda o, p, g: _adam_delta(o, p, g, second="exp_avg_var"),
+    ),
+    "adabelief_l2_eps": (
+        lambda ps: AdaBelief(ps, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=5e-4),
+        lambda o, p, g: _adam_delta(o, p, g, second="exp_avg_var"),
+    ),
+    "adabelief_large_eps": (
+        lambda ps: AdaBelief(ps, lr=1e-2, eps=1e-2),
+        lambda o, p, g: _adam_delta(o, p, g, second="exp_avg_var"),
+    ),
+    "adam3": (
+        lambda ps: AdaM3(ps, lr=1e-3),
+        lambda o, p, g: _adam_delta(o, p, g, eps_out=False),
+    ),
+    "adam3_l2": (
+        lambda ps: AdaM3(ps, lr=5e-3, betas=(0.85, 0.995), eps=1e-8, weight_decay=1e-3),
+        lambda o, p, g: _adam_delta(o, p, g, eps_out=False),
+    ),
+}
+
+
+def _check_prediction(opt, params, steps, delta_fn, lr_override=None):
+    before = [p.detach().clone() for p in params]
+    predictor = WeightPredictor(opt, steps=steps)
+    group = opt.param_groups[0]
+    lr = group["lr"] if lr_override is None else lr_override
+    expected = [b.double() - steps * lr * delta_fn(opt, p, group) for b, p in zip(before, params)]
+    with predictor.predicted():
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach().double(), e, rtol=2e-6, atol=1e-6)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b), "restore must be bit-exact"
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rule_matches_independent_computation(case, steps):
+    factory, delta_fn = CASES[case]
+    params = _params()
+    opt = factory(params)
+    _train(opt, params, steps=4)
+    _check_prediction(opt, params, steps, delta_fn)
+
+
+@pytest.mark.parametrize("case", ["sgdm", "adam", "adabelief", "adam3"])
+def test_uses_the_lr_set_after_the_step(case):
+    factory, delta_fn = CASES[case]
+    params = _params()
+    opt = factory(params)
+    _train(opt, params, steps=3)
+    opt.param_groups[0]["lr"] *= 0.1  # a scheduler step between update and prediction
+    _check_prediction(opt, params, 2, delta_fn)
+
+
+def test_maximize_flips_the_direction():
+    params = _params()
+    opt = torch.optim.Adam(params, lr=1e-2, maximize=True)
+    _train(opt, params, steps=3)
+    _check_prediction(opt, params, 1, lambda o, p, g: -_adam_delta(o, p, g))
+
+
+def test_adamw_decoupled_decay_option_adds_lambda_theta():
+    params = _params()
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    _train(opt, params, steps=3)
+    before = [p.detach().clone() for p in params]
+    predictor = WeightPredictor(opt, steps=2, decoupled_decay=True)
+    with predictor.predicted():
+        for p, b in zip(params, before):
+            delta = _adam_delta(opt, p, opt.param_groups[0]) + 0.1 * b.double()
+            torch.testing.assert_close(p.detach().double(), b.double() - 2 * 1e-2 * delta, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "factory", [lambda ps: torch.optim.Adam(ps), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)]
+)
+def test_decoupled_decay_refused_where_decay_is_coupled(factory):
+    with pytest.raises(ValueError, match="decoupled_decay"):
+        WeightPredictor(factory(_params()), decoupled_decay=True)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_rmsprop_without_momentum_extrapolates_the_last_update(centered):
+    params = _params()
+    opt = torch.optim.RMSprop(params, lr=0.01, alpha=0.9, weight_decay=1e-3, centered=centered)
+    predictor = WeightPredictor(opt, steps=2)
+    _train(opt, params, steps=3)
+    previous = [p.detach().clone() for p in params]
+    _train(opt, params, steps=1, seed=7)
+    opt.param_groups[0]["lr"] = 0.02
+    now = [p.detach().clone() for p in params]
+    with predictor.predicted():
+        for p, a, b in zip(params, previous, now):
+            direction = (a.double() - b.double()) / 0.01
+            torch.testing.assert_close(p.detach().double(), b.double() - 2 * 0.02 * direction, rtol=1e-5, atol=1e-6)
+
+
+def test_last_update_rule_works_with_any_optimizer():
+    params = _params()
+    opt = torch.optim.Adagrad(params, lr=0.1)
+    with pytest.raises(ValueError, match="rule='last_update'"):
+        WeightPredictor(opt)
+    predictor = WeightPredictor(opt, steps=3, rule="last_update")
+    with predictor.predicted():  # nothing recorded yet: identity
+        pass
+    _train(opt, params, steps=2)
+    previous = [p.detach().clone() for p in params]
+    _train(opt, params, steps=1, seed=5)
+    now = [p.detach().clone() for p in params]
+    with predictor.predicted():
+        for p, a, b in zip(params, previous, now):
+            torch.testing.assert_close(p.detach().double(), b.double() - 3 * (a.double() - b.double()), rtol=1e-5, atol=1e-6)
+    for p, b in zip(params, now):
+        assert torch.equal(p, b)
+
+
+def test_sgd_without_momentum_is_refused_by_auto():
+    with pytest.raises(ValueError, match="momentum=0"):
+        WeightPredictor(torch.optim.SGD(_params(), lr=0.1))
+
+
+def test_identity_before_the_first_update_and_with_zero_steps():
+    params = _params()
+    opt = torch.optim.Adam(params)
+    before = [p.detach().clone() for p in params]
+    with WeightPredictor(opt).predicted():
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+    _train(opt, params, steps=2)
+    now = [p.detach().clone() for p in params]
+    with WeightPredictor(opt, steps=0).predicted():
+        assert all(torch.equal(p, b) for p, b in zip(params, now))
+
+
+def test_steps_zero_is_exactly_the_base_optimizer():
+    def run(with_predictor: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        predictor = WeightPredictor(opt, steps=0)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(10):
+            x = torch.randn(16, 4, generator=g)
+            if with_predictor:
+                with predictor.predicted():
+                    model(x).pow(2).mean().backward()
+            else:
+                model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+
+
+def test_prediction_reads_state_not_grad():
+    params = _params()
+    opt = torch.optim.Adam(params, lr=1e-2)
+    _train(opt, params, steps=2)
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in params)
+    _check_prediction(opt, params, 1, _adam_delta)
+
+
+def test_restore_is_bit_exact_after_an_exception_and_keeps_storage():
+    params = _params()
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    _train(opt, params, steps=2)
+    before = [p.detach().clone() for p in params]
+    pointers = [p.data_ptr() for p in params]
+    predictor = WeightPredictor(opt, steps=3)
+    with pytest.raises(KeyError):
+        with predictor.predicted():
+            assert not all(torch.equal(p, b) for p, b in zip(params, before))
+            raise KeyError("boom")
+    assert not predictor.is_predicted
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert [p.data_ptr() for p in params] == pointers
+
+
+def test_frozen_parameters_are_left_alone():
+    params = _params()
+    opt = torch.optim.Adam(params, lr=1e-2)
+    _train(opt, params, steps=2)
+    params[0].requires_grad_(False)
+    frozen, trained = params[0].detach().clone(), params[1].detach().clone()
+    with WeightPredictor(opt).predicted():
+        assert torch.equal(params[0], frozen)
+        assert not torch.equal(params[1], trained)
+
+
+@pytest.mark.parametrize("steps", [-1, 1.5, True, "2", None])
+def test_bad_steps_refused(steps):
+    with pytest.raises(ValueError, match="steps"):
+        WeightPredictor(torch.optim.Adam(_params()), steps=steps)
+
+
+def test_misuse_is_refused():
+    params = _params()
+    opt = torch.optim.Adam(params)
+    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+        WeightPredictor(opt, rule="nope")
+    with pytest.raises(TypeError):
+        WeightPredictor(object())
+    predictor = WeightPredictor(opt)
+    with pytest.raises(RuntimeError, match="nothing stashed"):
+        predictor.restore()
+    predictor.predict()
+    with pytest.raises(RuntimeError, match="twice"):
+        predictor.predict()
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="restore"):
+        opt.step()
+    predictor.restore()
+    opt.step()
+
+
+def test_load_state_dict_that_does_not_fit_is_refused():
+    params = _params()
+    opt = torch.optim.Adagrad(params)
+    predictor = WeightPredictor(opt, steps=2, rule="last_update")
+    _train(opt, params, steps=1)
+    state = predictor.state_dict()
+    with pytest.raises(ValueError, match="steps=2"):
+        WeightPredictor(opt, steps=1, rule="last_update").load_state_dict(state)
+    other = torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="does not fit"):
+        WeightPredictor(other, steps=2, rule="last_update").load_state_dict(state)
+    with pytest.raises(ValueError, match="expected keys"):
+        predictor.load_state_dict({"steps": 2})
+
+
+@pytest.mark.parametrize("rule_case", ["adam", "rmsprop", "adagrad_last_update"])
+def test_state_dict_round_trip_in_lockstep(rule_case):
+    def build(model):
+        if rule_case == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            return opt, WeightPredictor(opt, steps=2)
+        if rule_case == "rmsprop":
+            opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+            return opt, WeightPredictor(opt, steps=2)
+        opt = torch.optim.Adagrad(model.parameters(), lr=0.05)
+        return opt, WeightPredictor(opt, steps=2, rule="last_update")
+
+    def step(model, opt, predictor, x):
+        with predictor.predicted():
+            model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    model_a = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    opt_a, pred_a = build(model_a)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 3, generator=g) for _ in range(10)]
+    for x in data[:5]:
+        step(model_a, opt_a, pred_a, x)
+    model_b = copy.deepcopy(model_a)
+    opt_b, pred_b = build(model_b)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    pred_b.load_state_dict(copy.deepcopy(pred_a.state_dict()))
+    for x in data[5:]:
+        step(model_a, opt_a, pred_a, x)
+        step(model_b, opt_b, pred_b, x)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_foreach_chunked_and_per_tensor_paths_agree(case, monkeypatch):
+    factory, _ = CASES[case]
+    results = []
+    for foreach, chunk in [(True, 1 << 20), (False, 1 << 20), (True, 8), (False, 8)]:
+        monkeypatch.setitem(xgrad.predict.CHUNK_NUMEL, "cpu", chunk)
+        params = _params()
+        opt = factory(params)
+        _train(opt, params, steps=3)
+        predictor = WeightPredictor(opt, steps=2, foreach=foreach)
+        with predictor.predicted():
+            results.append([p.detach().clone() for p in params])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _rosenbrock(xy: torch.Tensor) -> torch.Tensor:
+    return (1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2
+
+
+ROSENBROCK = {
+    "sgdm": (lambda ps: torch.optim.SGD(ps, lr=2e-4, momentum=0.9), 3000),
+    "rmsprop": (lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.9), 3000),
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=2e-2), 3000),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=2e-2, weight_decay=0.0), 3000),
+    "adabelief": (lambda ps: AdaBelief(ps, lr=2e-2), 3000),
+    "adam3": (lambda ps: AdaM3(ps, lr=3e-3), 3000),
+}
+
+
+@pytest.mark.parametrize("xgrad_on", [False, True])
+@pytest.mark.parametrize("name", sorted(ROSENBROCK))
+def test_each_optimizer_minimises_rosenbrock(name, xgrad_on):
+    factory, iterations = ROSENBROCK[name]
+    xy = torch.nn.Parameter(torch.tensor([-1.5, 2.0]))
+    opt = factory([xy])
+    predictor = WeightPredictor(opt, steps=1 if xgrad_on else 0)
+    start = _rosenbrock(xy).item()
+    for _ in range(iterations):
+        with predictor.predicted():
+            _rosenbrock(xy).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert math.isfinite(_rosenbrock(xy).item())
+    assert _rosenbrock(xy).item() < 1e-2 * start
+    assert torch.dist(xy.detach(), torch.tensor([1.0, 1.0])) < 0.25
+
+
+def test_small_mlp_trains_with_the_predicted_loop():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 10, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    predictor = WeightPredictor(opt, steps=1)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    first = loss_fn(model(x), y).item()
+    for epoch in range(15):
+        for i in range(0, 512, 64):
+            with predictor.predicted():
+                loss_fn(model(x[i : i + 64]), y[i : i + 64]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+        assert loss_fn(model(x), y).item() < 0.3 * first
+    assert accuracy > 0.95

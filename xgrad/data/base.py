@@ -1,0 +1,39 @@
+"""The contract between the engine and a dataset.
+
+A data module is built from the data config's ``module`` node and hands the
+engine iterables of batches (tensors, or tuples/dicts of tensors on the CPU;
+the engine moves them to the device). Training order depends only on the
+run's seed and the epoch, so a run resumed at an epoch boundary sees exactly
+the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+
+class DataModule(Protocol):
+    def train_batches(self, epoch: int, seed: int) -> Iterable[Any]:
+        """One epoch of training batches, shuffled by a generator seeded from (seed, epoch)."""
+
+    def val_batches(self) -> Iterable[Any]:
+        """The validation split, in a fixed order."""
+
+    def test_batches(self) -> Iterable[Any] | None:
+        """The test split, or None when the dataset has no separate one."""
+
+    def num_train_batches(self) -> int:
+        """Batches in one training epoch (for progress bars and schedulers)."""
+
+
+class DatasetMissingError(FileNotFoundError):
+    """A dataset is not on disk and cannot be fetched here.
+
+    The message says where the loader looked and the one command that fetches it.
+    """
+
+    def __init__(self, name: str, looked_in: str, fetch_command: str = ""):
+        fetch = fetch_command or f"python scripts/prepare_data.py {name} --root <data.root>"
+        super().__init__(f"dataset '{name}' not found in {looked_in}; fetch it with: {fetch}")
+        self.name, self.looked_in, self.fetch_command = name, looked_in, fetch
