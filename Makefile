@@ -10,6 +10,10 @@ export HF_DATASETS_OFFLINE ?= 1
 
 .PHONY: install data run test bench clean
 
+# The default pair: LeNet-5 on Fashion-MNIST, Adam vs Adam+XGrad (s=1), then its table and plot.
+DEMO_SWEEP := multirun/demo
+DEMO_EPOCHS ?= 15
+
 install: $(STAMP) data
 
 # Re-installs only when pyproject.toml changes, so a second call is quick.
@@ -27,6 +31,12 @@ data:
 	    echo "Fashion-MNIST missing at $(FASHION_MNIST): run 'sudo apt-get install dataset-fashion-mnist'"; \
 	  fi; \
 	fi
+
+run: install
+	rm -rf $(DEMO_SWEEP)
+	$(PY) -m xgrad.train -m xgrad=off,on trainer.epochs=$(DEMO_EPOCHS) hydra.sweep.dir=$(DEMO_SWEEP)
+	$(PY) scripts/make_tables.py $(DEMO_SWEEP) --title "Demo: LeNet-5 on Fashion-MNIST, Adam vs Adam+XGrad" --out results/demo/table.md
+	$(PY) scripts/plot_curves.py $(DEMO_SWEEP) --out results/demo
 
 test: install
 	$(PY) -m pytest -q

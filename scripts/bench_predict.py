@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 import weakref
@@ -29,7 +28,7 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from xgrad import WeightPredictor
+from xgrad import WeightPredictor, hardware
 from xgrad.optim import AdaBelief, AdaM3
 
 OPTIMIZERS = {
@@ -178,26 +177,12 @@ def bench_one(name: str, device: torch.device, repeats: int) -> dict:
     }
 
 
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
 def render(rows: list[dict], device: torch.device, repeats: int) -> str:
     numel = rows[0]["numel"]
     lines = [
         "# Cost of weight prediction: predict()+restore()",
         "",
-        f"Hardware: {hardware(device)}; torch {torch.__version__}. "
+        f"Hardware: {hardware.describe(device)}; torch {torch.__version__}. "
         f"Scale: ResNet-34-sized parameters ({numel / 1e6:.2f}M float32, torchvision resnet34, 10 classes), "
         f"optimizer state populated by two steps; {repeats} paired repetitions.",
         "",

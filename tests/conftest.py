@@ -1,0 +1,87 @@
+"""Shared test fixtures: an offline environment and in-process training runs.
+
+Every test composes ``conf/config.yaml`` through Hydra's compose API and trains
+in this process, so torch is imported once for the whole suite instead of once
+per ``python -m xgrad.train``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+# Tests never touch the network: W&B writes offline runs, Hugging Face reads its cache only.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# The tests' models are tiny: one thread is faster than several, and immune to the
+# slowdown of several threads competing for shared cores (set before torch loads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+#: What every test run starts from: the CPU, no W&B, no progress bar, one epoch
+#: of two training batches, and two batches of each evaluation split.
+TEST_OVERRIDES = (
+    "trainer.device=cpu",
+    "logger=none",
+    "trainer.progress=false",
+    "trainer.epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+)
+
+
+def compose_config(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    """``conf/config.yaml`` with the test defaults, then ``overrides`` (later ones win)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[*TEST_OVERRIDES, *overrides],
+            return_hydra_config=return_hydra_config,
+        )
+
+
+@pytest.fixture(name="compose_config")
+def compose_config_fixture():
+    """``compose_config(*overrides) -> DictConfig``: the composed test config, not run."""
+    return compose_config
+
+
+@pytest.fixture
+def train_run(tmp_path):
+    """``train_run(*overrides) -> Path``: train in-process and return the run directory.
+
+    Each call gets a fresh directory under ``tmp_path`` unless the overrides pass
+    ``hydra.run.dir=...`` (as on the command line; the same directory twice
+    resumes the run). The directory holds ``.hydra/config.yaml``,
+    ``metrics.jsonl``, ``summary.json`` and ``checkpoints/last.pt``.
+    """
+    from xgrad.train import run
+
+    counter = itertools.count()
+
+    def train(*overrides: str) -> Path:
+        default_dir = tmp_path / f"run{next(counter)}"
+        cfg = compose_config(f"hydra.run.dir={default_dir}", *overrides, return_hydra_config=True)
+        run_dir = Path(cfg.hydra.run.dir)
+        # What `python -m xgrad.train` provides: Hydra's runtime config (group
+        # choices such as the experiment's name) and the composed config on disk.
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        try:
+            run(cfg, run_dir=run_dir)
+        finally:
+            HydraConfig.instance().cfg = None
+        return run_dir
+
+    return train
