@@ -31,8 +31,9 @@ import torch
 
 from xgrad.optim import AdaBelief, AdaM3
 
-#: elements per chunk: about a core's L2 cache on the CPU, a few launches per model on a GPU
-CHUNK_NUMEL = {"cpu": 1 << 18, "cuda": 1 << 24}
+#: elements per chunk: a few MB that stay in the CPU caches between the passes (measured by
+#: scripts/bench_predict.py), and few kernel launches per model on a GPU
+CHUNK_NUMEL = {"cpu": 1 << 20, "cuda": 1 << 24}
 _DEFAULT_CHUNK_NUMEL = 1 << 22
 
 RULES = ("auto", "last_update")
