@@ -2,6 +2,7 @@
 
     python scripts/make_tables.py multirun/2025-01-01/12-00-00 --out results/adam.md
     python scripts/make_tables.py outputs/run_a outputs/run_b --title "Demo"
+    python scripts/make_tables.py --wandb my-team/xgrad-repro --experiment adam
 
 One row per cell (data, model, optimizer) and XGrad step ``s``: the best
 validation metric of the baseline and of XGrad as mean ± sample std over seeds,
@@ -10,7 +11,8 @@ many paired seeds XGrad won, the final values, epochs, wall time, scale and
 hardware. Then one verdict line per optimizer, and every run that did not count
 (failed, died without a summary, duplicate, unpaired seed) with its reason.
 The table is printed and, with ``--out`` (or when all runs name one
-experiment: ``results/<experiment>.md``), written to a file.
+experiment: ``results/<experiment>.md``), written to a file. With ``--wandb`` the
+runs are read from a W&B project instead of run directories (xgrad.reports.load_wandb_runs).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from xgrad.reports import Cell, Run, group_cells, is_better, load_runs, mean_std, paired_wins, problems, unpaired_seeds
+from xgrad.reports import (
+    Cell, Run, group_cells, is_better, load_runs, load_wandb_runs, mean_std, paired_wins, problems, unpaired_seeds,
+)
 
 COLUMNS = [
     "data", "model", "optimizer", "s", "metric", "direction", "runs (base / XGrad)",
@@ -32,13 +36,19 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> str:
     """Parse the command line, write the table where asked, print it, and return it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", help="run directories or sweep directories holding them")
+    parser.add_argument("dirs", nargs="*", help="run directories or sweep directories holding them")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from this W&B project instead")
+    parser.add_argument("--experiment", help="with --wandb: only the runs tagged with this experiment name")
     parser.add_argument("--out", help="Markdown file to write (default: results/<experiment>.md when known)")
     parser.add_argument("--title", help="heading of the table (default: the experiment name)")
     args = parser.parse_args(argv)
 
+    if bool(args.dirs) == bool(args.wandb):
+        parser.error("give run directories or --wandb ENTITY/PROJECT, not both or neither")
+    if args.experiment and not args.wandb:
+        parser.error("--experiment selects W&B runs: use it with --wandb")
     try:
-        runs = load_runs(args.dirs)
+        runs = load_wandb_runs(args.wandb, args.experiment) if args.wandb else load_runs(args.dirs)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))  # one line and exit status 2, before anything is written
     experiments = {run.experiment for run in runs if run.experiment}

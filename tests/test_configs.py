@@ -24,6 +24,12 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def model_input(model: str) -> str:
+    """The modality a model config consumes, following an alias's defaults (model=vit → vit_tiny)."""
+    node = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
+    return node.input if "input" in node else model_input(node.defaults[0])
+
+
 def compatible_pairs() -> list[tuple[str, str]]:
     """(model, data) where the model consumes the data's modality."""
     modality = {d: OmegaConf.load(CONF_DIR / "data" / f"{d}.yaml").modality for d in options("data")}
@@ -31,7 +37,7 @@ def compatible_pairs() -> list[tuple[str, str]]:
         (m, d)
         for m in options("model")
         for d in options("data")
-        if OmegaConf.load(CONF_DIR / "model" / f"{m}.yaml").input == modality[d]
+        if model_input(m) == modality[d]
     ]
 
 

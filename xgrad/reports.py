@@ -8,6 +8,8 @@ each into a :class:`Run`, and groups runs into :class:`Cell` s — one
 (data, model, optimizer, scale) combination with its baseline runs and its
 XGrad runs per prediction step ``s``. ``scripts/make_tables.py`` and
 ``scripts/plot_curves.py`` are thin renderings of these cells.
+:func:`load_wandb_runs` reads the same records from a Weights & Biases project
+instead, for runs whose directories are on other machines.
 
 Nothing is dropped silently: a directory whose job died before writing
 ``summary.json``, a run whose summary says ``failed``, and a second run of the
@@ -154,6 +156,28 @@ def load_run(path: Path) -> Run:
 def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
     """All runs under ``paths`` (see :func:`find_run_dirs`), in a stable order."""
     return [load_run(path) for path in find_run_dirs(paths)]
+
+
+def load_wandb_runs(project: str, experiment: str | None = None) -> list[Run]:
+    """Every run of the W&B project ``project`` ("ENTITY/PROJECT") as a :class:`Run`.
+
+    Read through W&B's public API (``wandb.Api``): what the run is comes from
+    its config (the resolved Hydra config the engine logs) and its tags (the
+    experiment's name), how it ended from its summary (``best``, ``final``,
+    ``status``, the last ``epoch``). The metric and its direction are the task
+    class's own (``model.task._target_``). With ``experiment``, only the runs
+    tagged with that name. Raises ``ValueError`` with the reason when the
+    project cannot be read (a malformed path, no access, no network).
+    """
+    import wandb
+
+    if project.count("/") != 1 or not all(project.split("/")):
+        raise ValueError(f"--wandb {project!r}: expected ENTITY/PROJECT")
+    filters = {"tags": {"$in": [experiment]}} if experiment else None
+    try:
+        return [_from_wandb(run) for run in wandb.Api().runs(project, filters=filters)]
+    except wandb.Error as error:
+        raise ValueError(f"cannot read the W&B project {project}: {error}") from None
 
 
 def group_cells(runs: list[Run]) -> list[Cell]:
@@ -303,6 +327,72 @@ def _from_config(path: Path, cfg: dict, hydra: dict) -> Run:
         experiment=experiment.get("name") if isinstance(experiment, dict) else experiment,
         scale=get("scale"),
     )
+
+
+#: W&B run states (``Run.state``) as this module's statuses, for a summary without ``status``
+_WANDB_STATES = {
+    "finished": "completed", "failed": "failed", "crashed": "failed", "killed": "failed", "running": "running",
+}  # fmt: skip
+
+
+def _from_wandb(run) -> Run:
+    """One W&B run (``wandb.apis.public.Run``) as a :class:`Run`; its curve only when needed for ``best``."""
+    config, summary = run.config, run.summary
+
+    def get(dotted: str):
+        node = config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    metric, mode = _task_metric(get("model.task._target_"))
+    enabled = bool(get("xgrad.enabled"))
+    status = summary.get("status")
+    if status is None or (status == "running" and run.state != "running"):  # the process died mid-run
+        status = _WANDB_STATES.get(run.state, run.state)
+    reason = summary.get("reason") or ("" if status == "completed" else f"W&B run state: {run.state}")
+    record = Run(
+        path=Path("wandb:" + "/".join(run.path)),
+        status=status,
+        reason=reason,
+        data=str(get("data.name") or "?"),
+        model=str(get("model.name") or "?"),
+        optimizer=str(get("optimizer.name") or "?"),
+        xgrad=enabled,
+        steps=int(get("xgrad.steps") or 0) if enabled else 0,
+        seed=get("seed"),
+        metric=metric,
+        mode=mode,
+        best=_finite(summary.get("best")),
+        final=_finite(summary.get("final")),
+        epochs=summary.get("epoch"),
+        wall_time_s=summary.get("_runtime"),
+        experiment=summary.get("experiment") or next((tag for tag in run.tags if not tag.startswith("s=")), None),
+        scale=get("scale"),
+        hardware=summary.get("hardware"),
+    )
+    if record.best is None and metric is not None:
+        key = f"val/{metric}"
+        record.curve = [(int(row["epoch"]), float(row[key])) for row in run.scan_history(keys=["epoch", key])]
+        values = [value for _, value in record.curve if math.isfinite(value)]
+        if values and mode in ("max", "min"):
+            record.best, record.final = (max if mode == "max" else min)(values), values[-1]
+    if record.status == "completed" and not record.usable:
+        record.status, record.reason = "failed", "the W&B summary says completed but has no metric or best value"
+    return record
+
+
+def _task_metric(target: str | None) -> tuple[str | None, str | None]:
+    """(metric, mode) that the task class ``target`` declares; (None, None) when it cannot be imported."""
+    from hydra.utils import get_class
+
+    try:
+        task = get_class(target) if target else None
+    except ImportError:
+        return None, None
+    return getattr(task, "metric", None), getattr(task, "mode", None)
 
 
 def _load_yaml(path: Path) -> dict:

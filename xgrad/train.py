@@ -172,8 +172,13 @@ def build(node: DictConfig, *args: Any, **kwargs: Any) -> Any:
 
 
 def constructor(node: DictConfig) -> DictConfig:
-    """An optimizer/scheduler node without its ``name`` (a label for tables, not an argument)."""
-    return OmegaConf.masked_copy(node, [k for k in node if k != "name"])
+    """An optimizer/scheduler node without its ``name`` (a label for tables, not an argument).
+
+    Resolved first, while the node still sits in the whole config: its values may
+    interpolate other keys (``T_max: ${trainer.epochs}``, an experiment's per-optimizer lr).
+    """
+    resolved = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.create({k: v for k, v in resolved.items() if k != "name"})
 
 
 def build_predictor(cfg: DictConfig, optimizer: torch.optim.Optimizer):

@@ -1,0 +1,189 @@
+"""Time per training iteration and peak memory, baseline versus XGrad, per model (the overhead table).
+
+    python scripts/bench_overhead.py                # experiments/overhead.yaml, paper scale (a GPU, the paper's data)
+    python scripts/bench_overhead.py scale=quick    # the paper's models on the offline data, batch 8, on a CPU
+    python scripts/bench_overhead.py scale=quick overhead.optimizers=[adam] overhead.quick.rounds=5
+
+Arguments are Hydra overrides of ``conf/config.yaml`` with ``experiment=overhead``.
+For each cell and optimizer both arms, the baseline and XGrad (s = 1), are built
+in this process from the same config and seed, and one iteration is the
+engine's own optimizer step (``Engine._step``: predict, forward and backward,
+restore, clip, step) on a batch already on the device:
+
+- time: after ``warmup`` steps each, the arms run ``rounds`` blocks of
+  ``iterations`` steps in alternation (so drifts of clock speed or load hit both
+  alike); an arm's time is the median over its blocks of the mean step time;
+- memory (CUDA only): the peak of ``torch.cuda.max_memory_allocated`` during an
+  arm's warm-up, minus what was allocated before the arm was built: its
+  parameters, optimizer state, XGrad's stash and the step's activations.
+
+A cell whose data is missing is listed as not measured. The table is written to
+``overhead.out`` (``results/<scale>/overhead.md``), labelled with the hardware,
+the scale and the settings.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from itertools import cycle, islice
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from xgrad.data.base import DatasetMissingError
+from xgrad import hardware
+from xgrad.engine import Engine, to_device
+from xgrad.loggers import RunLogger
+from xgrad.train import CONF_DIR, build, build_predictor, constructor, resolve_device, seed_everything, settings
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Measure every cell × optimizer of the composed overhead experiment; write and return the table."""
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        base = compose("config", overrides=["experiment=overhead", *overrides])
+        plan = base.overhead[base.scale]
+        rows, skipped = [], []
+        for cell in plan.cells:
+            for optimizer in base.overhead.optimizers:
+                cfg = compose(
+                    "config",
+                    overrides=["experiment=overhead", *cell.split(), f"optimizer={optimizer}", "xgrad=on",
+                               "logger=none", "trainer.progress=false", *_batch_override(plan), *overrides],
+                )  # fmt: skip
+                try:
+                    rows.append(measure(cfg, plan))
+                except DatasetMissingError as error:
+                    skipped.append(f"`{cell}`: {error}")
+                    break  # the other optimizers need the same data
+                print(_row(rows[-1]), flush=True)
+    device = resolve_device(base.trainer.device)
+    out = Path(base.overhead.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(rows, skipped, base.scale, hardware.describe(device), plan))
+    print(out)
+    return out
+
+
+def _batch_override(plan: DictConfig) -> list[str]:
+    return [] if plan.batch_size is None else [f"data.batch_size={plan.batch_size}"]
+
+
+def measure(cfg: DictConfig, plan: DictConfig) -> dict:
+    """One cell and optimizer: both arms' time per step (ms) and, on CUDA, peak memory (MB)."""
+    device = resolve_device(cfg.trainer.device)
+    data = build(cfg.data.module)
+    stream = cycle(data.train_batches(0, cfg.seed))  # repeats the batches if the split has too few
+    batches = [to_device(b, device, cfg.trainer.channels_last) for b in islice(stream, plan.warmup + plan.iterations)]
+    warmup, timed = batches[: plan.warmup], batches[plan.warmup :]
+    with tempfile.TemporaryDirectory() as scratch:
+        arms, memory = {}, {}
+        for name in ("baseline", "XGrad"):
+            run_dir = Path(scratch) / name
+            arms[name], memory[name] = _build_and_warm_up(cfg, data, device, run_dir, name == "XGrad", warmup)
+        times: dict[str, list[float]] = {name: [] for name in arms}
+        for _ in range(plan.rounds):
+            for name, engine in arms.items():
+                times[name].append(_timed_block(engine, timed, device))
+    params = sum(p.numel() for p in arms["baseline"].model.parameters())
+    return {
+        "data": cfg.data.name, "model": cfg.model.name, "optimizer": cfg.optimizer.name,
+        "parameters": params, "batch": cfg.data.batch_size,
+        "baseline_ms": 1e3 * statistics.median(times["baseline"]), "xgrad_ms": 1e3 * statistics.median(times["XGrad"]),
+        "baseline_mb": memory["baseline"], "xgrad_mb": memory["XGrad"],
+    }  # fmt: skip
+
+
+def _build_and_warm_up(cfg, data, device, run_dir: Path, xgrad: bool, warmup: list) -> tuple[Engine, float | None]:
+    """One arm (fresh model from the run's seed) after its warm-up steps, and the CUDA memory it added (MB)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    seed_everything(cfg.seed, deterministic=False)
+    model = build(cfg.model.net).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    task = build(cfg.model.task, data)
+    optimizer = build(constructor(cfg.optimizer), _convert_="all")(model.parameters())
+    engine = Engine(
+        model=model, forward=model, task=task, data=data, optimizer=optimizer,
+        predictor=build_predictor(cfg, optimizer) if xgrad else None, scheduler=None, device=device,
+        settings=settings(cfg.trainer), seed=cfg.seed, run_dir=run_dir, logger=RunLogger(run_dir, {}),
+        checkpoint_extra={},
+    )  # fmt: skip
+    model.train()
+    task.start_epoch(model, training=True)
+    for batch in warmup:
+        engine._step(batch, epoch=0)
+    if not cuda:
+        return engine, None
+    torch.cuda.synchronize(device)
+    return engine, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def _timed_block(engine: Engine, batches: list, device: torch.device) -> float:
+    """Mean seconds per optimizer step over ``batches``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for batch in batches:
+        engine._step(batch, epoch=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / len(batches)
+
+
+COLUMNS = [
+    "data", "model", "optimizer", "parameters (M)", "batch", "baseline ms/iter", "XGrad ms/iter",
+    "time overhead", "baseline peak MB", "XGrad peak MB", "memory overhead",
+]  # fmt: skip
+
+
+def _row(row: dict) -> str:
+    def ratio(xgrad, baseline):
+        return "n/a" if xgrad is None else f"{100 * (xgrad / baseline - 1):+.1f}%"
+
+    def mb(value):
+        return "n/a (CPU)" if value is None else f"{value:.1f}"
+
+    cells = [
+        row["data"], row["model"], row["optimizer"], f"{row['parameters'] / 1e6:.2f}", str(row["batch"]),
+        f"{row['baseline_ms']:.2f}", f"{row['xgrad_ms']:.2f}", ratio(row["xgrad_ms"], row["baseline_ms"]),
+        mb(row["baseline_mb"]), mb(row["xgrad_mb"]), ratio(row["xgrad_mb"], row["baseline_mb"]),
+    ]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(rows: list[dict], skipped: list[str], scale: str, device: str, plan: DictConfig) -> str:
+    lines = [
+        f"# XGrad overhead per training iteration ({scale} scale)",
+        "",
+        f"Hardware: {device} · torch {torch.__version__} · {os.cpu_count()} CPU cores visible.",
+        f"Per arm: {plan.warmup} warm-up steps, then {plan.rounds} timed blocks of {plan.iterations} steps, "
+        "baseline and XGrad (s = 1) alternating in one process.",
+        "Time: median over the blocks of the mean step time (predict → forward/backward → restore → step). "
+        "Memory: the peak CUDA memory an arm adds (parameters, optimizer state, XGrad's stash, activations); "
+        "not measured on the CPU.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *(_row(row) for row in rows),
+        "",
+        "## Not measured",
+        "",
+        *([f"- {line}" for line in skipped] or ["None."]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

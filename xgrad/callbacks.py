@@ -1,0 +1,149 @@
+"""Hydra callbacks of the paper-figure sweeps (registered by conf/sweep/figure.yaml).
+
+- :class:`SweepReports` writes a figure's table and plots when its sweep ends.
+- :class:`OneGpuPerProcess` spreads the worker processes of a parallel launcher
+  over the GPUs of one machine, one GPU each.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import importlib.util
+import logging
+from pathlib import Path
+from typing import IO, Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from xgrad.reports import load_runs
+
+log = logging.getLogger(__name__)
+
+#: scripts/ of the repository, where the table and plot tools live
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _script(name: str) -> Any:
+    """Import ``scripts/<name>.py`` as a module (the scripts are tools, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(f"xgrad_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class SweepReports(Callback):
+    """At the end of a multirun: ``<results>/<experiment>.md`` and ``<results>/<experiment>/*.png``.
+
+    The table is ``scripts/make_tables.py``'s, followed by this scale's ``notes``
+    (cells a scale leaves out, and why); the plots are ``scripts/plot_curves.py``'s.
+    Both read the whole sweep directory, so a sweep run in several pieces (one
+    process per GPU, or a rerun after a crash) ends with one complete table.
+
+    Hydra skips ``on_multirun_end`` when a job failed: the sweeper re-raises the
+    job's error first. A table that lists the failure is what is wanted then, so
+    the reports are also written when the process exits without the sweep
+    having ended normally.
+    """
+
+    def __init__(self, results: str, notes: dict[str, list[str]] | None = None):
+        self.results = Path(results)
+        self.notes = {scale: list(lines) for scale, lines in (notes or {}).items()}
+        self._pending: tuple[str, str, str | None] | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._pending = _describe(config)
+        atexit.register(self._write_pending)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        atexit.unregister(self._write_pending)
+        self._pending = None
+        self.write(*_describe(config))
+
+    def _write_pending(self) -> None:
+        if self._pending is not None:
+            log.warning("the sweep did not end normally; writing its reports with what it left")
+            self.write(*self._pending)
+
+    def write(self, sweep_dir: str, experiment: str, scale: str | None) -> Path | None:
+        """Write the table and the plots of ``sweep_dir``; return the table's path (None: no runs)."""
+        try:
+            runs = load_runs([sweep_dir])
+        except FileNotFoundError as error:
+            log.warning("no reports: %s", error)
+            return None
+        title = f"XGrad vs baseline: {experiment}" + (f" ({scale} scale)" if scale else "")
+        text = _script("make_tables").render(runs, title)
+        notes = self.notes.get(scale or "", [])
+        if notes:
+            text += "\n## Notes\n\n" + "".join(f"- {line}\n" for line in notes)
+        table = self.results / f"{experiment}.md"
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(text)
+        log.info("table: %s", table)
+        try:
+            _script("plot_curves").main([sweep_dir, "--out", str(self.results / experiment)])
+        except SystemExit:  # plot_curves refuses a sweep without a single completed run; the table says why
+            log.warning("no plots: no run of %s completed", sweep_dir)
+        return table
+
+
+def _describe(config: DictConfig) -> tuple[str, str, str | None]:
+    """(sweep directory, experiment name, scale) of a multirun's config."""
+    sweep_dir = str(config.hydra.sweep.dir)
+    experiment = config.hydra.runtime.choices.get("experiment") or Path(sweep_dir).name
+    return sweep_dir, experiment, config.get("scale")
+
+
+#: this process's GPU lock: (GPU index, the open lock file that holds it), once claimed
+_claimed: tuple[int, IO] | None = None
+
+
+def claim_slot(lock_dir: Path, count: int) -> tuple[int, IO] | None:
+    """The first of ``count`` slots no other open lock holds: (index, the lock file to keep open).
+
+    An exclusive ``flock`` on ``<lock_dir>/<index>.lock`` marks a slot taken for
+    as long as the file stays open; the OS releases it when the process ends,
+    however it ends. None when every slot is taken.
+    """
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        handle = open(lock_dir / f"{index}.lock", "w")  # noqa: SIM115 -- kept open: it is the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return index, handle
+    return None
+
+
+class OneGpuPerProcess(Callback):
+    """Give each process that runs jobs its own GPU for its whole life.
+
+    A parallel launcher (``hydra/launcher=joblib hydra.launcher.n_jobs=N``) runs
+    the jobs in N long-lived worker processes; with ``trainer.device=auto`` each
+    would train on GPU 0. Before a process's first job this claims the first GPU
+    that no other process of the sweep holds (:func:`claim_slot` on
+    ``<sweep dir>/.gpus/``) and makes it the process's current CUDA device,
+    which ``auto`` and ``cuda`` then use. Nothing happens with fewer than two
+    visible GPUs (SLURM gives each job one) or when ``trainer.device`` names a
+    device itself.
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _claimed
+        if _claimed is not None or config.trainer.device not in ("auto", "cuda"):
+            return
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count < 2:
+            return
+        _claimed = claim_slot(Path(config.hydra.sweep.dir) / ".gpus", count)
+        if _claimed is None:
+            log.warning("all %d GPUs are held by other workers: set hydra.launcher.n_jobs to at most %d", count, count)
+            return
+        torch.cuda.set_device(_claimed[0])
+        log.info("this worker process trains on GPU %d", _claimed[0])
