@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE ?= 1
 
 # The default pair: LeNet-5 on Fashion-MNIST, Adam vs Adam+XGrad (s=1), then its table and plot.
 DEMO_SWEEP := multirun/demo
-DEMO_EPOCHS ?= 15
+DEMO_EPOCHS ?= 5
 
 install: $(STAMP) data
 
