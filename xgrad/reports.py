@@ -304,12 +304,7 @@ def _from_config(path: Path, cfg: dict, hydra: dict) -> Run:
     """
 
     def get(dotted: str, tree: dict = cfg):
-        node = tree
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return node
+        return _lookup(tree, dotted)
 
     optimizer = get("optimizer.name") or str(get("optimizer._target_") or "?").rsplit(".", 1)[-1].lower()
     steps = int(get("xgrad.steps") or 0)
@@ -329,6 +324,16 @@ def _from_config(path: Path, cfg: dict, hydra: dict) -> Run:
     )
 
 
+def _lookup(tree, dotted: str):
+    """``tree["a"]["b"]`` for ``"a.b"``, or None where a key is missing."""
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 #: W&B run states (``Run.state``) as this module's statuses, for a summary without ``status``
 _WANDB_STATES = {
     "finished": "completed", "failed": "failed", "crashed": "failed", "killed": "failed", "running": "running",
@@ -340,12 +345,7 @@ def _from_wandb(run) -> Run:
     config, summary = run.config, run.summary
 
     def get(dotted: str):
-        node = config
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return node
+        return _lookup(config, dotted)
 
     metric, mode = _task_metric(get("model.task._target_"))
     enabled = bool(get("xgrad.enabled"))
