@@ -250,10 +250,37 @@ def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path, monkeypatch):
         assert [h["train/loss"] for h in logged if "train/loss" in h and "epoch" not in h]  # per step
         (epoch,) = [h for h in logged if "val/acc" in h]
         assert epoch["val/acc"] == metrics(run_dir)[0]["val/acc"]
+        summaries = [r.summary for r in records if r.WhichOneof("record_type") == "summary"]
+        logged_summary = {i.key: json.loads(i.value_json) for s in summaries for i in s.update}
+        for key in ("best", "status", "metric", "mode", "hardware", "epochs", "xgrad", "steps"):
+            assert logged_summary[key] == result[key], key  # what make_tables.py --wandb reads
         (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
         assert exit_record.exit_code == 0
         # a resumed run continues the same W&B run
         assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["wandb_id"] == result["wandb_run_id"]
+
+
+def test_a_refused_sweep_job_leaves_a_failed_summary_and_the_others_run(tmp_path, monkeypatch):
+    from xgrad.reports import load_runs, problems
+    from xgrad.train import main
+
+    sweep = tmp_path / "sweep"
+    argv = ["xgrad.train", "-m", "xgrad=on", "xgrad.steps=-1,1", *TEST_OVERRIDES, *SMALL, f"hydra.sweep.dir={sweep}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the job's own error, not Hydra's SystemExit(1)
+    with pytest.raises(ConfigError, match="xgrad.steps=-1"):
+        try:
+            main()
+        finally:
+            GlobalHydra.instance().clear()
+
+    refused, trained = summary(sweep / "0"), summary(sweep / "1")
+    assert trained["status"] == "completed"
+    assert refused["status"] == "failed" and "xgrad.steps=-1" in refused["reason"]
+    assert (refused["model"], refused["optimizer"], refused["seed"]) == (trained["model"], trained["optimizer"], 0)
+    assert not (sweep / "0" / "metrics.jsonl").exists()
+    [(run, why)] = problems(load_runs([sweep]))
+    assert run.path == (sweep / "0").resolve() and why.startswith("failed: refused: xgrad.steps=-1")
 
 
 def test_wandb_goes_offline_without_an_api_key_and_respects_wandb_mode(monkeypatch, tmp_path):

@@ -296,7 +296,9 @@ class FakeWandbRun:
             "data": {"name": "ptb"}, "model": {"name": model, "task": task}, "optimizer": {"name": "adam"},
             "xgrad": {"enabled": xgrad, "steps": 1}, "seed": seed, "scale": "quick",
         }  # fmt: skip
-        self.summary = {"status": status, "epoch": 4, "_runtime": 12.5}
+        # what RunLogger puts in the W&B summary (summary.json's keys)
+        self.summary = {"status": status, "epochs": 4, "_runtime": 12.5, "hardware": "NVIDIA H200",
+                        "metric": "ppl", "mode": "min"}  # fmt: skip
         if best is not None:
             self.summary |= {"best": best, "final": best + 5}
         self._curve = curve
@@ -333,6 +335,7 @@ def test_make_tables_reads_a_wandb_project(monkeypatch, tmp_path):
     assert row[7] == f"{np.mean(base):.4g} ± {np.std(base, ddof=1):.4g}"
     assert row[8] == f"{np.mean(xgrad):.4g} ± {np.std(xgrad, ddof=1):.4g}"
     assert row[10] == f"{wins} / 2"
+    assert row[-1].rstrip(" |") == "NVIDIA H200"
     assert "`wandb:team/xgrad-repro/x2`" in text and "failed: W&B run state: crashed" in text
     assert out.read_text() == text
 

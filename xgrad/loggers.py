@@ -77,6 +77,20 @@ def wandb_mode(configured: str | None) -> str:
     return configured or os.environ.get("WANDB_MODE") or ("online" if api_key_available() else "offline")
 
 
+def write_refusal(run_dir: Path, identity: dict[str, Any], reason: str) -> None:
+    """A ``failed`` summary.json for a sweep job refused before it started (a bad value, missing data).
+
+    Without it the sweep's table could only say "no summary.json". An existing
+    summary (a finished run this job was not allowed to resume) is left alone.
+    """
+    path = run_dir / "summary.json"
+    if path.exists():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {**identity, "best": None, "final": None, "epochs": 0, "status": "failed", "reason": reason}
+    write_atomic(path, json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
+
+
 class WandbRun:
     """One W&B run, started at construction; never blocks a run that cannot reach W&B.
 
@@ -212,7 +226,8 @@ class RunLogger:
                 "wandb_job_type": self.wandb.job_type,
                 "wandb_run_id": self.wandb.id,
             }
-            self.wandb.set_summary({k: v for k, v in summary.items() if k in ("best", "final", "status") or "/" in k})
+            # everything a table needs, so that `make_tables.py --wandb` reads what summary.json holds
+            self.wandb.set_summary({k: v for k, v in summary.items() if not k.startswith("wandb_")})
         write_atomic(self.summary_file, json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
         return summary
 

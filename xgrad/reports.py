@@ -347,7 +347,9 @@ def _from_wandb(run) -> Run:
     def get(dotted: str):
         return _lookup(config, dotted)
 
-    metric, mode = _task_metric(get("model.task._target_"))
+    metric, mode = summary.get("metric"), summary.get("mode")
+    if metric is None:  # a run logged before the summary carried its metric
+        metric, mode = _task_metric(get("model.task._target_"))
     enabled = bool(get("xgrad.enabled"))
     status = summary.get("status")
     if status is None or (status == "running" and run.state != "running"):  # the process died mid-run
@@ -367,10 +369,10 @@ def _from_wandb(run) -> Run:
         mode=mode,
         best=_finite(summary.get("best")),
         final=_finite(summary.get("final")),
-        epochs=summary.get("epoch"),
+        epochs=summary.get("epochs", summary.get("epoch")),
         wall_time_s=summary.get("_runtime"),
         experiment=summary.get("experiment") or next((tag for tag in run.tags if not tag.startswith("s=")), None),
-        scale=get("scale"),
+        scale=summary.get("scale", get("scale")),
         hardware=summary.get("hardware"),
     )
     if record.best is None and metric is not None:

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from xgrad import checkpoint, hardware
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, Settings, TrainingFailed
-from xgrad.loggers import RunLogger, WandbRun
+from xgrad.loggers import RunLogger, WandbRun, write_refusal
 
 log = logging.getLogger(__name__)
 
@@ -315,17 +315,42 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
+def refused_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What a refused job was asked to run, read defensively (the config may be the bad part)."""
+
+    def get(key: str) -> Any:
+        try:
+            return OmegaConf.select(cfg, key, default=None)
+        except Exception:  # noqa: BLE001 -- an interpolation that cannot resolve is simply unknown
+            return None
+
+    enabled, steps = bool(get("xgrad.enabled")), get("xgrad.steps")
+    return {
+        "model": get("model.name"),
+        "data": get("data.name"),
+        "optimizer": get("optimizer.name"),
+        "xgrad": enabled,
+        "steps": steps if enabled and isinstance(steps, int) else 0,
+        "seed": get("seed"),
+        "experiment": experiment_name(),
+        "scale": get("scale"),
+    }
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; a bad config, missing data or a diverged run exits nonzero with one line.
 
     Under ``-m`` the error is raised instead, so Hydra finishes the other jobs
-    of the sweep and then exits nonzero.
+    of the sweep and then exits nonzero; a refused job first leaves a ``failed``
+    summary.json with the reason, for the sweep's table to list.
     """
     try:
         return run(cfg)["best"]
     except (ConfigError, DatasetMissingError, TrainingFailed) as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            if not isinstance(error, TrainingFailed):  # a failed training run has written its own summary
+                write_refusal(Path(HydraConfig.get().runtime.output_dir), refused_identity(cfg), f"refused: {error}")
             raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
