@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import CONF_DIR, TEST_OVERRIDES
@@ -312,6 +313,7 @@ def test_wandb_goes_offline_without_an_api_key_and_respects_wandb_mode(monkeypat
         ("model.input=text", "model.input=text .*data.modality=image"),
         ("trainer.precision=8", "trainer.precision=8"),
         ("trainer.device=tpu", "trainer.device='tpu'"),
+        ("trainer.num_threads=0", "trainer.num_threads=0"),
     ],
 )
 def test_a_bad_value_is_refused_by_name_before_anything_is_written(train_run, tmp_path, override, message):
@@ -319,6 +321,16 @@ def test_a_bad_value_is_refused_by_name_before_anything_is_written(train_run, tm
     with pytest.raises(ConfigError, match=message):
         train_run("xgrad=on", override, f"hydra.run.dir={run_dir}")
     assert not (run_dir / "summary.json").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_num_threads_sets_torch_threads_and_the_summary_says_so(train_run):
+    before = torch.get_num_threads()
+    try:
+        run_dir = train_run("trainer.num_threads=2", *SMALL)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert summary(run_dir)["hardware"].endswith(", 2 threads")
 
 
 def test_missing_data_says_where_it_looked_and_how_to_fetch_it(train_run, tmp_path):

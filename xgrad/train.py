@@ -47,6 +47,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RESUME_IGNORES = (
     "trainer.epochs",
     "trainer.device",
+    "trainer.num_threads",
     "trainer.progress",
     "trainer.log_every_n_steps",
     "logger",
@@ -89,6 +90,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.precision={trainer.precision!r}: must be one of {', '.join(PRECISIONS)}")
     if trainer.grad_clip is not None and not (isinstance(trainer.grad_clip, (int, float)) and trainer.grad_clip > 0):
         raise ConfigError(f"trainer.grad_clip={trainer.grad_clip!r}: must be null or a number > 0")
+    if trainer.num_threads is not None and not _positive_int(trainer.num_threads):
+        raise ConfigError(f"trainer.num_threads={trainer.num_threads!r}: must be null or an integer >= 1")
     if not _positive_int(trainer.log_every_n_steps):
         raise ConfigError(f"trainer.log_every_n_steps={trainer.log_every_n_steps!r}: must be an integer >= 1")
     resolve_device(trainer.device)
@@ -270,6 +273,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     trainer = cfg.trainer
     device = resolve_device(trainer.device)
+    if trainer.num_threads is not None:
+        torch.set_num_threads(trainer.num_threads)
     seed_everything(cfg.seed, trainer.deterministic)
     data = build(cfg.data.module)
     model = build(cfg.model.net).to(device)
