@@ -349,6 +349,25 @@ def test_foreach_chunked_and_per_tensor_paths_agree(case, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_kept_predictor_predicts_as_a_fresh_one(case, foreach, monkeypatch):
+    """Buffers kept between calls (the stash, the CPU's √v scratch) carry nothing from one call to the next."""
+    monkeypatch.setitem(xgrad.predict.CHUNK_NUMEL, "cpu", 8)  # many chunks of different make-up
+    factory, _ = CASES[case]
+    params = _params()
+    opt = factory(params)
+    kept = WeightPredictor(opt, steps=2, foreach=foreach)
+    for _ in range(3):
+        _train(opt, params, steps=1)
+        with kept.predicted():
+            by_kept = [p.detach().clone() for p in params]
+        with WeightPredictor(opt, steps=2, foreach=foreach).predicted():
+            by_fresh = [p.detach().clone() for p in params]
+        for a, b in zip(by_kept, by_fresh, strict=True):
+            assert torch.equal(a, b)
+
+
 def _rosenbrock(xy: torch.Tensor) -> torch.Tensor:
     return (1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2
 
