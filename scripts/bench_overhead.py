@@ -97,7 +97,13 @@ def measure(cfg: DictConfig, plan: DictConfig) -> dict:
         "parameters": params, "batch": cfg.data.batch_size,
         "baseline_ms": 1e3 * statistics.median(times["baseline"]), "xgrad_ms": 1e3 * statistics.median(times["XGrad"]),
         "baseline_mb": memory["baseline"], "xgrad_mb": memory["XGrad"],
+        "spread": max(_spread(blocks) for blocks in times.values()),
     }  # fmt: skip
+
+
+def _spread(blocks: list[float]) -> float:
+    """How far one arm's blocks differ: (slowest − fastest) / median, in percent."""
+    return 100 * (max(blocks) - min(blocks)) / statistics.median(blocks)
 
 
 def _build_and_warm_up(cfg, data, device, run_dir: Path, xgrad: bool, warmup: list) -> tuple[Engine, float | None]:
@@ -143,7 +149,7 @@ def _timed_block(engine: Engine, batches: list, device: torch.device) -> float:
 
 COLUMNS = [
     "data", "model", "optimizer", "parameters (M)", "batch", "baseline ms/iter", "XGrad ms/iter",
-    "time overhead", "baseline peak MB", "XGrad peak MB", "memory overhead",
+    "time overhead", "noise (block spread)", "baseline peak MB", "XGrad peak MB", "memory overhead",
 ]  # fmt: skip
 
 
@@ -157,7 +163,7 @@ def _row(row: dict) -> str:
     cells = [
         row["data"], row["model"], row["optimizer"], f"{row['parameters'] / 1e6:.2f}", str(row["batch"]),
         f"{row['baseline_ms']:.2f}", f"{row['xgrad_ms']:.2f}", ratio(row["xgrad_ms"], row["baseline_ms"]),
-        mb(row["baseline_mb"]), mb(row["xgrad_mb"]), ratio(row["xgrad_mb"], row["baseline_mb"]),
+        f"±{row['spread']:.1f}%", mb(row["baseline_mb"]), mb(row["xgrad_mb"]), ratio(row["xgrad_mb"], row["baseline_mb"]),
     ]  # fmt: skip
     return "| " + " | ".join(cells) + " |"
 
@@ -172,6 +178,8 @@ def render(rows: list[dict], skipped: list[str], scale: str, device: str, plan: 
         "Time: median over the blocks of the mean step time (predict → forward/backward → restore → step). "
         "Memory: the peak CUDA memory an arm adds (parameters, optimizer state, XGrad's stash, activations); "
         "not measured on the CPU.",
+        "Noise: the larger of the two arms' block spreads, (slowest − fastest block) / median; "
+        "a time overhead smaller than it is not distinguishable from zero at these settings.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -363,6 +363,8 @@ def test_overhead_benchmark_times_both_arms_and_lists_what_it_cannot_run(tmp_pat
     # the overhead is computed from the unrounded times: allow the rounding of the two shown to 0.01 ms
     rounding = 100 * 0.005 * (1 / baseline_ms + xgrad_ms / baseline_ms**2) + 0.05
     assert abs(float(row[7].rstrip("%")) - 100 * (xgrad_ms / baseline_ms - 1)) <= rounding
-    assert "n/a (CPU)" in row[8]
+    assert row[8].startswith("±") and float(row[8].strip("±%")) >= 0
+    assert bench._spread([0.010, 0.012, 0.011]) == pytest.approx(100 * 0.002 / 0.011)
+    assert "n/a (CPU)" in row[9]
     not_measured = text.split("## Not measured", 1)[1]
     assert "protocol=paper/wmt16_gnmt8" in not_measured and "wmt16_en_de" in not_measured
