@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 from pathlib import Path
 
 # Tests never touch the network: W&B writes offline runs, Hugging Face reads its cache only.
@@ -19,6 +20,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # slowdown of several threads competing for shared cores (set before torch loads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -85,3 +87,28 @@ def train_run(tmp_path):
         return run_dir
 
     return train
+
+
+def write_cifar(root: Path, variant: str, per_file: int, seed: int = 0, row_length: int = 3072) -> dict:
+    """A CIFAR folder in the real format (pickled dicts, protocol 2, byte keys) with random images.
+
+    Returns {file name: (images uint8 [N, 3, 32, 32], labels)} as written.
+    """
+    from xgrad.data import cifar
+
+    spec = cifar.VARIANTS[variant]
+    folder = root / spec.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in spec.train_files + spec.test_files:
+        data = rng.integers(0, 256, size=(per_file, row_length), dtype=np.uint8)
+        labels = rng.integers(0, spec.num_classes, size=per_file).tolist()
+        batch = {b"batch_label": name.encode(), spec.label_key: labels, b"data": data,
+                 b"filenames": [f"img_{i}.png".encode() for i in range(per_file)]}
+        if variant == "cifar100":
+            batch[b"coarse_labels"] = [label // 5 for label in labels]
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        written[name] = (data.reshape(-1, 3, 32, 32) if row_length == 3072 else data, np.array(labels))
+    return written

@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, write_cifar
 from xgrad.callbacks import SweepReports, claim_slot
 from xgrad.data.base import DatasetMissingError
 
@@ -187,6 +187,22 @@ def test_the_first_job_at_paper_scale_asks_for_its_dataset(figure, train_run, tm
     data = CELLS[expected_jobs(figure, "paper")[0][0]][0]
     with pytest.raises(DatasetMissingError, match=data):
         train_run(f"experiment={figure}", "scale=paper", *first, f"data.root={tmp_path / 'no-data'}")
+
+
+@pytest.mark.parametrize("figure", TRAINING_FIGURES)
+def test_the_first_job_trains_at_paper_scale_on_cifar_files(figure, train_run, tmp_path):
+    """The paper's first cells run as composed, on CIFAR folders in the real format (random images)."""
+    first = sweep_jobs(figure, "paper")[0]
+    cell, optimizer, (xgrad, steps), seed = expected_jobs(figure, "paper")[0]
+    data, model = CELLS[cell]
+    write_cifar(tmp_path, data, per_file=16)
+    run_dir = train_run(f"experiment={figure}", "scale=paper", *first, f"data.root={tmp_path}",
+                        "data.batch_size=8", "data.eval_batch_size=8")  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 1
+    assert (summary["data"], summary["model"], summary["scale"]) == (data, model, "paper")
+    assert (summary["optimizer"], summary["xgrad"], summary["steps"], summary["seed"]) == (
+        optimizer, xgrad == "on", steps, seed)  # fmt: skip
 
 
 def test_the_translation_cell_asks_for_wmt16(train_run, tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from conftest import write_cifar
 from xgrad.data import cifar
 from xgrad.data.base import DatasetMissingError
 from xgrad.data.mnist import MNIST, SUBSET_VAL_PER_CLASS
@@ -125,29 +125,6 @@ def test_bad_image_sizes_are_refused():
 
 
 # --------------------------------------------------------------------------- CIFAR loader
-
-def write_cifar(root: Path, variant: str, per_file: int, seed: int = 0, row_length: int = 3072) -> dict:
-    """A CIFAR folder in the real format (pickled dicts, protocol 2, byte keys) with random images.
-
-    Returns {file name: (images uint8 [N, 3, 32, 32], labels)} as written.
-    """
-    spec = cifar.VARIANTS[variant]
-    folder = root / spec.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    written = {}
-    for name in spec.train_files + spec.test_files:
-        data = rng.integers(0, 256, size=(per_file, row_length), dtype=np.uint8)
-        labels = rng.integers(0, spec.num_classes, size=per_file).tolist()
-        batch = {b"batch_label": name.encode(), spec.label_key: labels, b"data": data,
-                 b"filenames": [f"img_{i}.png".encode() for i in range(per_file)]}
-        if variant == "cifar100":
-            batch[b"coarse_labels"] = [label // 5 for label in labels]
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-        written[name] = (data.reshape(-1, 3, 32, 32) if row_length == 3072 else data, np.array(labels))
-    return written
-
 
 def cifar_module(compose_config, variant: str, root: Path, *overrides: str):
     cfg = compose_config(f"data={variant}", f"data.root={root}", "data.batch_size=4", "data.eval_batch_size=5",
