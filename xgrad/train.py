@@ -205,19 +205,38 @@ def experiment_name() -> str | None:
     return HydraConfig.get().runtime.choices.get("experiment")
 
 
+def requested(cfg: DictConfig) -> dict[str, Any]:
+    """What the config asks to train, as summary.json names it.
+
+    Read defensively: a refused job's summary is written from this too, and
+    there the config may be the bad part (a value that cannot resolve is None).
+    """
+
+    def get(key: str) -> Any:
+        try:
+            return OmegaConf.select(cfg, key, default=None)
+        except Exception:  # noqa: BLE001 -- an interpolation that cannot resolve is simply unknown
+            return None
+
+    enabled, steps = bool(get("xgrad.enabled")), get("xgrad.steps")
+    return {
+        "model": get("model.name"),
+        "data": get("data.name"),
+        "optimizer": get("optimizer.name"),
+        "scheduler": get("scheduler.name"),
+        "xgrad": enabled,
+        "steps": steps if enabled and isinstance(steps, int) else 0,
+        "seed": get("seed"),
+        "experiment": experiment_name(),
+        "scale": get("scale"),  # an experiment's size label (e.g. a reduced protocol), if it sets one
+    }
+
+
 def describe(cfg: DictConfig, task: Any, device: torch.device) -> dict[str, Any]:
     """What summary.json says the run is (the outcome is added by the logger)."""
     return {
         "task": type(task).__name__,
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "optimizer": cfg.optimizer.name,
-        "scheduler": cfg.scheduler.name,
-        "xgrad": bool(cfg.xgrad.enabled),
-        "steps": cfg.xgrad.steps if cfg.xgrad.enabled else 0,
-        "seed": cfg.seed,
-        "experiment": experiment_name(),
-        "scale": cfg.get("scale"),  # an experiment's size label (e.g. a reduced protocol), if it sets one
+        **requested(cfg),
         "hardware": hardware.describe(device),
         "metric": task.metric,
         "mode": task.mode,
@@ -320,28 +339,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
-def refused_identity(cfg: DictConfig) -> dict[str, Any]:
-    """What a refused job was asked to run, read defensively (the config may be the bad part)."""
-
-    def get(key: str) -> Any:
-        try:
-            return OmegaConf.select(cfg, key, default=None)
-        except Exception:  # noqa: BLE001 -- an interpolation that cannot resolve is simply unknown
-            return None
-
-    enabled, steps = bool(get("xgrad.enabled")), get("xgrad.steps")
-    return {
-        "model": get("model.name"),
-        "data": get("data.name"),
-        "optimizer": get("optimizer.name"),
-        "xgrad": enabled,
-        "steps": steps if enabled and isinstance(steps, int) else 0,
-        "seed": get("seed"),
-        "experiment": experiment_name(),
-        "scale": get("scale"),
-    }
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; a bad config, missing data or a diverged run exits nonzero with one line.
@@ -355,7 +352,7 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, DatasetMissingError, TrainingFailed) as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             if not isinstance(error, TrainingFailed):  # a failed training run has written its own summary
-                write_refusal(Path(HydraConfig.get().runtime.output_dir), refused_identity(cfg), f"refused: {error}")
+                write_refusal(Path(HydraConfig.get().runtime.output_dir), requested(cfg), f"refused: {error}")
             raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
