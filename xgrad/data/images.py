@@ -23,6 +23,19 @@ import torch.nn.functional as F
 Split = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]
 
 
+def hold_out_last(split: Split, count: int, name: str = "val_size") -> tuple[Split, Split]:
+    """``(the rest, the last count examples)`` of a training split: a validation split carved from it.
+
+    The last examples, not a random draw, so the split is the same on every
+    machine and for every seed (the convention of torchvision-era CIFAR code).
+    """
+    images, labels = split
+    if not 0 < count < len(images):
+        raise ValueError(f"{name}={count}: must be in [1, {len(images)}) (training examples held out for validation)")
+    cut = len(images) - count
+    return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 images, in [0, 1] pixel units.
 
@@ -70,7 +83,7 @@ class ImageDataModule:
     Args:
         train, val: ``(images, labels)``: images uint8 ``[N, C, H, W]``, labels
             integer ``[N]`` (numpy arrays or tensors).
-        test: the same, or None when the dataset has no separate test split.
+        test: the same for the test split.
         batch_size: training batch size (the last batch of an epoch may be smaller).
         eval_batch_size: validation/test batch size.
         mean, std: per-channel normalisation in [0, 1] pixel units; None:
@@ -78,6 +91,7 @@ class ImageDataModule:
         crop_padding: random crop after zero padding by this many pixels
             (0: no cropping); training batches only.
         flip: random horizontal flip; training batches only.
+        variant: what was read (summary.json's ``data_variant``).
 
     Batches are ``(images float32 [B, C, H, W], labels int64 [B])`` with
     images normalised as ``(pixel / 255 - mean) / std``. Training order and
@@ -88,16 +102,17 @@ class ImageDataModule:
         self,
         train: Split,
         val: Split,
-        test: Split | None,
+        test: Split,
         batch_size: int,
         eval_batch_size: int,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         crop_padding: int = 0,
         flip: bool = False,
+        variant: str = "images",
     ):
-        self.train, self.val = self._tensors(train), self._tensors(val)
-        self.test = self._tensors(test) if test is not None else None
+        self.train, self.val, self.test = self._tensors(train), self._tensors(val), self._tensors(test)
+        self.variant = variant
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         if mean is None or std is None:
             mean, std = channel_stats(self.train[0])
@@ -141,8 +156,11 @@ class ImageDataModule:
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self._in_order(self.val)
 
-    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
-        return self._in_order(self.test) if self.test is not None else None
+    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._in_order(self.test)
+
+    def sizes(self) -> dict[str, int | str]:
+        return {"train": len(self.train[1]), "val": len(self.val[1]), "test": len(self.test[1]), "unit": "images"}
 
     def num_train_batches(self) -> int:
         return -(-len(self.train[0]) // self.batch_size)

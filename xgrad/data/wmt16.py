@@ -203,6 +203,8 @@ class WMT16EnDe:
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(model))
         self.splits = {split: encode_split(self.tokenizer, model, self.root, split) for split in SPLITS}
         self.batch_size, self.eval_batch_size, self.sort_batches = batch_size, eval_batch_size, sort_batches
+        #: what was read (summary.json's ``data_variant``)
+        self.variant = NAME
 
         src_len, tgt_len = (np.diff(self.splits["train"][f"{side}_offsets"]) for side in ("src", "tgt"))
         keep = (src_len >= 1) & (tgt_len >= 1) & (src_len <= max_len) & (tgt_len <= max_len)
@@ -261,6 +263,10 @@ class WMT16EnDe:
             batch["index"] = torch.from_numpy(rows[start:start + self.eval_batch_size] + self._reference_start[split])
             batches.append(batch)
         return batches
+
+    def sizes(self) -> dict[str, int | str]:
+        valid, test = (len(self.splits[split]["src_offsets"]) - 1 for split in ("valid", "test"))
+        return {"train": len(self.train_rows), "val": valid, "test": test, "unit": "sentence pairs"}
 
     def val_batches(self) -> list[dict[str, torch.Tensor]]:
         return self._eval_batches("valid")
