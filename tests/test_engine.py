@@ -91,6 +91,33 @@ def test_two_steps_with_and_without_prediction(train_run, optimizer):
     assert metrics(predicted)[0]["val/loss"] != metrics(base)[0]["val/loss"]
 
 
+def test_validation_picks_the_epoch_and_test_is_reported_there(tmp_path):
+    """The test split never chooses: ``test`` is read at the epoch the validation metric selects."""
+    from xgrad.loggers import RunLogger
+
+    curves = {"val/acc": [50.0, 71.0, 70.0, 71.0], "test/acc": [49.0, 68.0, 73.0, 69.0]}  # val peaks first at 2
+    history = [{"epoch": e + 1, **{k: v[e] for k, v in curves.items()}} for e in range(4)]
+    logger = RunLogger(tmp_path, {"metric": "acc", "mode": "max"})
+    result = logger.write_summary(history, status="completed", wall_time_s=1.0)
+    assert (result["best"], result["best_epoch"], result["test"], result["test/acc"]) == (71.0, 2, 68.0, 68.0)
+    assert (result["test_best"], result["test_final"], result["final"]) == (73.0, 69.0, 71.0)
+    lower = RunLogger(tmp_path, {"metric": "ppl", "mode": "min"}).write_summary(
+        [{"epoch": 1, "val/ppl": 90.0, "test/ppl": 80.0}, {"epoch": 2, "val/ppl": float("nan"), "test/ppl": 70.0},
+         {"epoch": 3, "val/ppl": 85.0, "test/ppl": 75.0}], status="completed", wall_time_s=1.0)
+    assert (lower["best_epoch"], lower["test"], lower["test_best"]) == (3, 75.0, 70.0)
+
+
+def test_every_epoch_evaluates_both_splits_and_the_summary_says_what_data_was_read(train_run):
+    run_dir = train_run("trainer.epochs=3", *SMALL)
+    lines, result = metrics(run_dir), summary(run_dir)
+    assert all({"val/acc", "test/acc", "test/loss"} <= line.keys() for line in lines)
+    selected = lines[result["best_epoch"] - 1]
+    assert selected["val/acc"] == max(line["val/acc"] for line in lines) == result["best"]
+    assert result["test"] == selected["test/acc"]
+    assert result["data_variant"] == "fashion_mnist"
+    assert result["data_sizes"] == {"train": 55000, "val": 5000, "test": 10000, "unit": "images"}
+
+
 def test_prediction_zero_steps_ahead_is_the_base_optimizer(train_run):
     args = ("optimizer=sgdm", "trainer.limit_train_batches=3", *SMALL)
     assert untimed(train_run(*args, "xgrad=on", "xgrad.steps=0")) == untimed(train_run(*args))

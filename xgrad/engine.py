@@ -16,11 +16,15 @@ so the gradient is taken at the predicted weights and the update is applied
 to the real ones (PAPER.md, Algorithm 1). The scaler is only enabled for
 ``precision=16``; otherwise its calls pass straight through.
 
-At each epoch end the engine evaluates, steps the scheduler, and writes
+At each epoch end the engine evaluates the validation and the test split,
+steps the scheduler, and writes
 ``checkpoints/last.pt`` with everything the next epoch depends on (weights,
 optimizer/predictor/scheduler/scaler states, every RNG, the metrics so far),
 so a run restarted from it, even after being killed mid-epoch, repeats the
-interrupted epoch exactly and ends with the same metrics.
+interrupted epoch exactly and ends with the same metrics. The test split is
+evaluated every epoch so that the summary can report it at the epoch the
+validation split selects (never the other way round) without keeping a
+second copy of the weights.
 """
 
 from __future__ import annotations
@@ -148,7 +152,7 @@ class Engine:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
-        """Train the remaining epochs, evaluate the test split, return the summary.
+        """Train the remaining epochs and return the summary.
 
         Any exception leaves ``summary.json`` with ``status: failed`` and the
         reason, and is re-raised.
@@ -165,20 +169,20 @@ class Engine:
                 self.save(wall())
                 reason = f"stopped after epoch {epoch + 1} of {self.settings.epochs}"
                 self.logger.write_summary(self.history, status="running", wall_time_s=wall(), reason=reason)
-            test = self._test()
         except BaseException as error:
             reason = str(error) if isinstance(error, TrainingFailed) else f"{type(error).__name__}: {error}"
             self.logger.write_summary(self.history, status="failed", wall_time_s=wall(), reason=reason)
             raise
-        return self.logger.write_summary(self.history, status="completed", wall_time_s=wall(), test=test)
+        return self.logger.write_summary(self.history, status="completed", wall_time_s=wall())
 
     def _epoch(self, epoch: int) -> None:
-        """One epoch of training, then validation and the scheduler step; appends to ``history``."""
+        """One epoch of training, then validation, test and the scheduler step; appends to ``history``."""
         started = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch's updates use
         train_loss, samples = self._train(epoch)
         train_s = time.perf_counter() - started
         metrics = self._evaluate(self.data.val_batches())
+        test = self._evaluate(self.data.test_batches())
         files = {}
         if hasattr(self.task, "on_evaluated"):
             with torch.no_grad():
@@ -192,12 +196,13 @@ class Engine:
                 "lr": lr,
                 "train/loss": train_loss,
                 **{f"val/{k}": v for k, v in metrics.items()},
+                **{f"test/{k}": v for k, v in test.items()},
                 "time/epoch_s": time.perf_counter() - started,
                 "time/samples_per_s": samples / train_s,
             }
         )
         self.logger.log_epoch(self.history, files)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.history[-1].items() if k.startswith(("train/", "val/")))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.history[-1].items() if k.startswith(("train/", "val/", "test/")))
         log.info("epoch %d/%d: %s", epoch + 1, self.settings.epochs, shown)
 
     def _train(self, epoch: int) -> tuple[float, int]:
@@ -252,13 +257,6 @@ class Engine:
         if self.task.metric not in metrics:
             raise KeyError(f"{type(self.task).__name__}.evaluate returned {sorted(metrics)}, no '{self.task.metric}'")
         return metrics
-
-    def _test(self) -> dict[str, float]:
-        """``test/<name>`` for the final weights, or nothing when the data has no test split."""
-        batches = self.data.test_batches()
-        if batches is None:
-            return {}
-        return {f"test/{k}": v for k, v in self._evaluate(batches).items()}
 
     @contextlib.contextmanager
     def _progress(self, description: str, total: int) -> Iterator:

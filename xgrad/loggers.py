@@ -3,13 +3,15 @@
 Local files in the run directory (DESIGN.md, "What a run leaves behind"):
 
 - ``metrics.jsonl``: one JSON object per finished epoch (``epoch``, ``step``,
-  ``lr``, ``train/loss``, ``val/<metric>`` ..., and timing fields under ``time/``);
+  ``lr``, ``train/loss``, ``val/<metric>`` ..., ``test/<metric>`` ..., and
+  timing fields under ``time/``);
 - ``summary.json``: what a table needs, rewritten at every epoch end
   (``status: running``) and when the run ends (``completed`` or ``failed`` with
-  a ``reason``). Keys: ``task model data optimizer scheduler xgrad steps seed
-  experiment scale hardware metric mode best best_epoch final epochs
-  wall_time_s status reason`` plus ``test/<metric>`` ... after the test pass and
-  ``wandb_group wandb_job_type wandb_run_id`` when W&B is on.
+  a ``reason``). Keys: ``task model data data_variant data_sizes optimizer
+  scheduler xgrad steps seed experiment scale paper_epochs hardware metric mode
+  best best_epoch final test test_best test_final test/<name>... epochs
+  wall_time_s status reason`` plus ``wandb_group wandb_job_type wandb_run_id``
+  when W&B is on (:meth:`RunLogger.write_summary` says which epoch each is from).
 
 Both are replaced atomically, so a killed process never leaves half a line
 that a table would read.
@@ -44,6 +46,11 @@ def write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _finite(value: Any) -> bool:
+    """A real number that is not NaN or infinite (a diverged epoch never becomes "best")."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _json_value(value: Any) -> Any:
@@ -143,6 +150,7 @@ class WandbRun:
         # validation and test curves against epochs; the training loss against optimizer steps
         self.run.define_metric("epoch")
         self.run.define_metric("val/*", step_metric="epoch")
+        self.run.define_metric("test/*", step_metric="epoch")
         self.run.define_metric("lr", step_metric="epoch")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -203,22 +211,34 @@ class RunLogger:
         status: str,
         wall_time_s: float,
         reason: str | None = None,
-        test: dict[str, float] | None = None,
     ) -> dict[str, Any]:
-        """Write ``summary.json`` from the epochs so far and return it."""
-        key, mode = f"val/{self.identity['metric']}", self.identity["mode"]
-        values = [(r["epoch"], r[key]) for r in history if key in r and math.isfinite(r[key])]
-        best = (max if mode == "max" else min)(values, key=lambda ev: ev[1]) if values else (None, None)
+        """Write ``summary.json`` from the epochs so far and return it.
+
+        The validation split selects the epoch (``best_epoch``, the first with
+        the best ``val/<metric>``); ``test`` and every ``test/<name>`` are read
+        at that epoch. ``test_best``, the best test value over all epochs, is
+        the optimizer papers' habit of reporting: the test set picks the epoch
+        there, so it is kept for comparison only.
+        """
+        metric, mode = self.identity["metric"], self.identity["mode"]
+        pick = max if mode == "max" else min
+        val_key, test_key = f"val/{metric}", f"test/{metric}"
+        scored = [r for r in history if _finite(r.get(val_key))]
+        selected = pick(scored, key=lambda r: r[val_key]) if scored else {}
+        tests = [r[test_key] for r in history if _finite(r.get(test_key))]
         summary = {
             **self.identity,
-            "best": best[1],
-            "best_epoch": best[0],
-            "final": history[-1].get(key) if history else None,
+            "best": selected.get(val_key),
+            "best_epoch": selected.get("epoch"),
+            "final": history[-1].get(val_key) if history else None,
+            "test": selected.get(test_key),
+            "test_best": pick(tests) if tests else None,
+            "test_final": history[-1].get(test_key) if history else None,
+            **{k: v for k, v in selected.items() if k.startswith("test/")},
             "epochs": len(history),
             "wall_time_s": wall_time_s,
             "status": status,
             "reason": reason,
-            **(test or {}),
         }
         if self.wandb is not None:
             summary |= {

@@ -229,14 +229,17 @@ def requested(cfg: DictConfig) -> dict[str, Any]:
         "seed": get("seed"),
         "experiment": experiment_name(),
         "scale": get("scale"),  # an experiment's size label (e.g. a reduced protocol), if it sets one
+        "paper_epochs": get("paper_epochs"),  # the paper schedule's length, where a protocol trains a part of it
     }
 
 
-def describe(cfg: DictConfig, task: Any, device: torch.device) -> dict[str, Any]:
+def describe(cfg: DictConfig, task: Any, data: Any, device: torch.device) -> dict[str, Any]:
     """What summary.json says the run is (the outcome is added by the logger)."""
     return {
         "task": type(task).__name__,
         **requested(cfg),
+        "data_variant": data.variant,
+        "data_sizes": data.sizes(),
         "hardware": hardware.describe(device),
         "metric": task.metric,
         "mode": task.mode,
@@ -305,7 +308,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     predictor = build_predictor(cfg, optimizer)
     scheduler = build(constructor(cfg.scheduler), _convert_="all")(optimizer) if "_target_" in cfg.scheduler else None
 
-    identity = describe(cfg, task, device)
+    identity = describe(cfg, task, data, device)
     wandb_run = None
     if cfg.logger.name == "wandb":
         wandb_run = start_wandb(cfg, run_dir, identity, saved["wandb_id"] if saved else None)
