@@ -10,16 +10,19 @@ export HF_DATASETS_OFFLINE ?= 1
 
 .PHONY: install data run test bench clean
 
-# The default pair: LeNet-5 on Fashion-MNIST, Adam vs Adam+XGrad (s=1), then its table and plot.
+# The default pair: LeNet-5 on Fashion-MNIST, Adam vs Adam+XGrad (s=1), three seeds each, then its
+# table and plot. Two worker processes of one thread each (a 2-core machine); about 1.5 min of training.
 DEMO_SWEEP := multirun/demo
 DEMO_EPOCHS ?= 5
+DEMO_SEEDS ?= 0,1,2
 
 install: $(STAMP) data
 
-# Re-installs only when pyproject.toml changes, so a second call is quick.
-$(STAMP): pyproject.toml
+# The library, the suite and the test tools at the exact versions of constraints.txt.
+# Re-installs only when pyproject.toml or constraints.txt changes, so a second call is quick.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[suite,test]'
 	touch $(STAMP)
 
 # The embedded default dataset: Debian's Fashion-MNIST IDX files (root only).
@@ -34,7 +37,8 @@ data:
 
 run: install
 	rm -rf $(DEMO_SWEEP)
-	$(PY) -m xgrad.train -m xgrad=off,on trainer.epochs=$(DEMO_EPOCHS) hydra.sweep.dir=$(DEMO_SWEEP)
+	$(PY) -m xgrad.train -m xgrad=off,on seed=$(DEMO_SEEDS) trainer.epochs=$(DEMO_EPOCHS) trainer.num_threads=1 \
+	  hydra/launcher=joblib hydra.launcher.n_jobs=2 hydra.sweep.dir=$(DEMO_SWEEP)
 	$(PY) scripts/make_tables.py $(DEMO_SWEEP) --title "Demo: LeNet-5 on Fashion-MNIST, Adam vs Adam+XGrad" --out results/demo/table.md
 	$(PY) scripts/plot_curves.py $(DEMO_SWEEP) --out results/demo
 
