@@ -1,5 +1,7 @@
 """XGrad: weight prediction for gradient-based optimizers (see README and PAPER.md)."""
 
+from xgrad import rules
 from xgrad.predict import WeightPredictor
+from xgrad.rules import register_rule
 
-__all__ = ["WeightPredictor"]
+__all__ = ["WeightPredictor", "register_rule", "rules"]

@@ -7,29 +7,37 @@ the update the optimizer would apply next, computed from its *current state*
 back bit for bit, in place, so storage identity survives (DDP buckets, CUDA
 graphs and compiled models keep pointing at the same memory).
 
-Each optimizer family has one closed-form rule (PAPER.md, "Prediction rules"):
-
-- momentum:  Δ̂ = the stored momentum buffer (SGD with momentum, RMSprop with momentum);
-- adaptive:  Δ̂ = (m/bc1) / (√(v/bc2) + ε_out) (Adam, AdamW, AdaBelief, AdaM3);
-- last update: Δ̂ = (θ_before − θ_after)/γ_used, recorded by step hooks
-  (RMSprop without momentum, and ``rule="last_update"`` for any optimizer).
+Where Δ̂ is found in the state is a rule of ``xgrad.rules`` (a momentum
+buffer, Adam's bias-corrected moments, or the last update recorded by step
+hooks), looked up per param group by the optimizer's class; that module also
+records why ``maximize`` needs no sign and why Nesterov momentum uses the buffer.
 
 The work is cut into chunks of at most ``CHUNK_NUMEL`` elements (flat views of
 contiguous tensors), so the temporaries stay small (the extra memory is the
 stash plus one chunk) and, on the CPU, each chunk's stash copy, denominator and
 update run while the chunk is still in cache.
+
+No host synchronisation: predict() and restore() never read the value of a
+tensor that lives on an accelerator. Learning rates and step counts held on the
+host (the default: torch keeps Adam's ``step`` on the CPU) become Python
+floats; those on the device (``fused=True``, ``capturable=True``, a tensor lr)
+stay there, and the step sizes are computed from them with tensor kernels, for
+a whole param group at once. This is checked by tests/test_predict.py on the
+``meta`` device, where reading any value raises, and with
+``torch.cuda.set_sync_debug_mode("error")`` where a GPU is present.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
-from xgrad.optim import AdaBelief, AdaM3
+from xgrad import rules
+from xgrad.rules import LAST_UPDATE, Adaptive, LastUpdate, Rule
 
 #: elements per chunk: a few MB that stay in the CPU caches between the passes (measured by
 #: scripts/bench_predict.py), and few kernel launches per model on a GPU
@@ -39,72 +47,28 @@ _DEFAULT_CHUNK_NUMEL = 1 << 22
 RULES = ("auto", "last_update")
 
 
-@dataclass(frozen=True)
-class _Momentum:
-    """Δ̂ is a stored buffer: SGD's (or RMSprop's) momentum, or the recorded last update."""
-
-    buffer: str
-
-
-@dataclass(frozen=True)
-class _Adaptive:
-    """Δ̂ = (m/bc1) / (√(v/bc2) + ε_out), ε_out = ε or 0 (AdaM3 keeps ε inside the root)."""
-
-    exp_avg: str
-    exp_avg_sq: str
-    eps_outside_root: bool
-
-
-_LAST_UPDATE = _Momentum(buffer="xgrad_last_update")
-
-
-def _auto_family(optimizer: torch.optim.Optimizer, group: dict) -> _Momentum | _Adaptive:
-    """The closed-form rule for one param group, or a ValueError naming what is not modelled."""
-    kind = type(optimizer)
-    name = kind.__name__
-    if group.get("differentiable", False):
-        raise ValueError(f"WeightPredictor: {name}(differentiable=True) is not modelled")
-    if kind is torch.optim.SGD:
-        if group["momentum"] == 0:
-            raise ValueError(
-                "WeightPredictor: SGD with momentum=0 keeps no state to predict from; "
-                "use momentum > 0 or rule='last_update'"
-            )
-        return _Momentum(buffer="momentum_buffer")
-    if kind is torch.optim.RMSprop:
-        if group["momentum"] > 0:
-            return _Momentum(buffer="momentum_buffer")
-        return _LAST_UPDATE
-    if kind in (torch.optim.Adam, torch.optim.AdamW):
-        second = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
-        return _Adaptive("exp_avg", second, eps_outside_root=True)
-    if kind is AdaBelief:
-        return _Adaptive("exp_avg", "exp_avg_var", eps_outside_root=True)
-    if kind is AdaM3:
-        return _Adaptive("exp_avg", "exp_avg_sq", eps_outside_root=False)
-    raise ValueError(
-        f"WeightPredictor: no closed-form rule for {kind.__module__}.{name} "
-        "(rule='auto' knows SGD, RMSprop, Adam, AdamW, AdaBelief, AdaM3); "
-        "use rule='last_update' for any other optimizer"
-    )
-
-
-def _has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> bool:
-    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
-
-
 @dataclass
 class _Chunk:
-    """Aligned flat pieces of parameters, their stash and their state, plus per-piece scalars."""
+    """Aligned flat pieces of parameters, their stash and their state, plus per-piece scalars.
 
-    params: list[torch.Tensor] = field(default_factory=list)
-    stash: list[torch.Tensor] = field(default_factory=list)
-    direction: list[torch.Tensor] = field(default_factory=list)  # Δ̂ buffer or m
-    second: list[torch.Tensor] = field(default_factory=list)  # v (adaptive only)
-    scale: list[float] = field(default_factory=list)  # θ̂ = decay·θ − scale·direction[/denom]
-    decay: float = 1.0  # 1 − s·γ·λ (the decoupled decay term), one value per param group
-    eps: list[float] = field(default_factory=list)  # added to √v (adaptive only)
+    θ̂ = decay·θ + alpha·direction, or decay·θ + alpha·direction / (√second + eps) for an
+    adaptive rule. The scalars are floats, or 0-dim tensors on the parameters' device.
+    """
+
+    params: list[Tensor] = field(default_factory=list)
+    stash: list[Tensor] = field(default_factory=list)
+    direction: list[Tensor] = field(default_factory=list)  # Δ̂ buffer or m
+    second: list[Tensor] = field(default_factory=list)  # v (adaptive only)
+    alpha: list[float | Tensor] = field(default_factory=list)  # −s·γ (times √bc2/bc1 for adaptive)
+    eps: list[float | Tensor] = field(default_factory=list)  # added to √v (adaptive only)
+    add_eps: bool = False  # AdaM3 keeps ε inside the root: nothing to add
+    decay: float | Tensor = 1.0  # 1 − s·γ·λ (the decoupled decay term), one value per param group
     numel: int = 0
+
+    @property
+    def on_device(self) -> bool:
+        """True when the scalars are tensors (kept on the accelerator) rather than floats."""
+        return isinstance(self.alpha[0], Tensor)
 
 
 class WeightPredictor:
@@ -117,9 +81,10 @@ class WeightPredictor:
             loss_fn(model(x), y).backward()
         opt.step()
 
-    ``rule="auto"`` refuses, at construction, any optimizer or flag it has no
-    exact rule for; ``rule="last_update"`` works with any optimizer at the cost
-    of one extra buffer per parameter. ``decoupled_decay=True`` adds the
+    ``rule="auto"`` takes the optimizer's rule from ``xgrad.rules`` (its class,
+    or the nearest registered base class) and refuses, at construction, any
+    optimizer or flag it has no rule for; ``rule="last_update"`` works with any
+    optimizer at the cost of one extra buffer per parameter. ``decoupled_decay=True`` adds the
     decoupled weight-decay term λθ to Δ̂ (AdamW-style optimizers only).
     ``foreach`` picks multi-tensor kernels (default) or the per-tensor path.
     """
@@ -146,31 +111,35 @@ class WeightPredictor:
         self.rule = rule
         self.decoupled_decay = bool(decoupled_decay)
         self.foreach = bool(foreach)
-        self._families = [self._family(group) for group in optimizer.param_groups]
-        self._stash: dict[torch.Tensor, torch.Tensor] = {}
-        self._scratch: dict[tuple, torch.Tensor] = {}  # one chunk's √v on the CPU, per (device, dtype)
-        self._changed: list[torch.Tensor] | None = None  # parameters overwritten by predict()
-        self._last_update: dict[torch.Tensor, torch.Tensor] = {}
+        self._rules = [self._rule(group) for group in optimizer.param_groups]
+        self._stash: dict[Tensor, Tensor] = {}
+        self._scratch: dict[tuple, Tensor] = {}  # one chunk's √v on the CPU, per (device, dtype)
+        self._changed: list[Tensor] | None = None  # parameters overwritten by predict()
+        self._last_update: dict[Tensor, Tensor] = {}
         self._lr_used: list[float] = []
         self._hooks = [optimizer.register_step_pre_hook(self._before_step)]
-        if _LAST_UPDATE in self._families:
+        if self._records_updates:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
 
-    def _family(self, group: dict) -> _Momentum | _Adaptive:
+    def _rule(self, group: dict) -> Rule:
         if self.rule == "last_update":
             if self.decoupled_decay:
                 raise ValueError(
                     "WeightPredictor: decoupled_decay=True does not apply to rule='last_update' "
                     "(the recorded update already contains any weight decay)"
                 )
-            return _LAST_UPDATE
-        family = _auto_family(self.optimizer, group)
-        if self.decoupled_decay and not _has_decoupled_decay(self.optimizer, group):
+            return LAST_UPDATE
+        rule = rules.rule_for(self.optimizer, group)
+        if self.decoupled_decay and not rule.decoupled_decay:
             raise ValueError(
                 f"WeightPredictor: decoupled_decay=True but {type(self.optimizer).__name__} applies "
-                "its weight decay through the gradient (it is already inside the moments)"
+                "its weight decay through the gradient (it is already inside the state)"
             )
-        return family
+        return rule
+
+    @property
+    def _records_updates(self) -> bool:
+        return any(isinstance(rule, LastUpdate) for rule in self._rules)
 
     # -- the public cycle -------------------------------------------------------------
 
@@ -186,11 +155,11 @@ class WeightPredictor:
             raise RuntimeError(
                 "WeightPredictor.predict() called twice without restore(): the stash of the real weights would be lost"
             )
-        if len(self._families) != len(self.optimizer.param_groups):
+        if len(self._rules) != len(self.optimizer.param_groups):
             raise RuntimeError(
                 "WeightPredictor: the optimizer gained param groups after the predictor was built; build a new one"
             )
-        changed: list[torch.Tensor] = []
+        changed: list[Tensor] = []
         if self.steps > 0:
             for chunk in self._chunks(changed):
                 if self.foreach:
@@ -230,70 +199,50 @@ class WeightPredictor:
 
     # -- the plan: which tensors, cut into chunks ----------------------------------------
 
-    def _chunks(self, changed: list[torch.Tensor]) -> Iterator[_Chunk]:
+    def _chunks(self, changed: list[Tensor]) -> Iterator[_Chunk]:
         """Yield chunks per (param group, device, dtype), appending every parameter touched to ``changed``."""
         open_chunks: dict[tuple, _Chunk] = {}
-        for index, (group, family) in enumerate(zip(self.optimizer.param_groups, self._families)):
-            lr = float(group["lr"])
-            coeff = self.steps * lr * (-1.0 if group.get("maximize", False) else 1.0)
-            decay = 1.0 - self.steps * lr * group["weight_decay"] if self.decoupled_decay else 1.0
-            for p in group["params"]:
-                tensors = self._prediction_tensors(p, family)
-                if tensors is None:
-                    continue
-                scale, eps, direction, second = self._scalars(p, family, group, coeff, tensors)
+        for index, (group, rule) in enumerate(zip(self.optimizer.param_groups, self._rules)):
+            members = [(p, tensors) for p in group["params"] if (tensors := self._prediction_tensors(p, rule))]
+            if not members:
+                continue
+            coeff = self.steps * rules.scalar(group["lr"])
+            decay = 1.0 - coeff * rules.scalar(group["weight_decay"]) if self.decoupled_decay else 1.0
+            if isinstance(rule, Adaptive):
+                steps = [self.optimizer.state[p]["step"] for p, _ in members]
+                alphas, epsilons = rule.step_sizes(group, steps, coeff)
+            else:
+                alphas, epsilons = [-coeff] * len(members), [0.0] * len(members)
+            add_eps = isinstance(rule, Adaptive) and rule.eps_outside_root
+            for (p, tensors), alpha, eps in zip(members, alphas, epsilons, strict=True):
                 changed.append(p)
-                stash = self._stash_for(p)
                 key = (index, p.device, p.dtype)
                 limit = CHUNK_NUMEL.get(p.device.type, _DEFAULT_CHUNK_NUMEL)
-                pieces = _pieces(limit, p, stash, direction, *([second] if second is not None else []))
-                for piece in pieces:
-                    chunk = open_chunks.setdefault(key, _Chunk(decay=decay))
+                for piece in _pieces(limit, *_real_views(p, self._stash_for(p), *tensors)):
+                    chunk = open_chunks.setdefault(key, _Chunk(decay=decay, add_eps=add_eps))
                     chunk.params.append(piece[0])
                     chunk.stash.append(piece[1])
                     chunk.direction.append(piece[2])
-                    if second is not None:
+                    if len(piece) > 3:
                         chunk.second.append(piece[3])
-                    chunk.scale.append(scale)
+                    chunk.alpha.append(alpha)
                     chunk.eps.append(eps)
                     chunk.numel += piece[0].numel()
                     if chunk.numel >= limit:
                         yield open_chunks.pop(key)
         yield from open_chunks.values()
 
-    def _prediction_tensors(self, p: torch.Tensor, family) -> tuple[torch.Tensor, ...] | None:
+    def _prediction_tensors(self, p: Tensor, rule: Rule) -> tuple[Tensor, ...] | None:
         """The state tensors Δ̂ is computed from, or None when θ̂ = θ (frozen, or no update yet)."""
         if not p.requires_grad:
             return None
-        if family is _LAST_UPDATE:
+        if isinstance(rule, LastUpdate):
             buffer = self._last_update.get(p)
             return None if buffer is None else (buffer,)
         state = self.optimizer.state.get(p)
-        if not state:
-            return None
-        if isinstance(family, _Momentum):
-            buffer = state.get(family.buffer)
-            return None if buffer is None else (buffer,)
-        if family.exp_avg_sq not in state:
-            raise RuntimeError(
-                f"WeightPredictor: optimizer state has no '{family.exp_avg_sq}' "
-                f"(state keys: {sorted(state)}); was the optimizer's amsgrad flag changed?"
-            )
-        return state[family.exp_avg], state[family.exp_avg_sq]
+        return rule.state_tensors(state) if state else None
 
-    def _scalars(self, p, family, group, coeff, tensors):
-        """(scale, eps, direction, second) for one parameter; bias corrections use its step count t."""
-        if isinstance(family, _Momentum):
-            return coeff, 0.0, tensors[0], None
-        beta1, beta2 = (float(b) for b in group["betas"])
-        t = float(self.optimizer.state[p]["step"])
-        bias_correction1 = 1.0 - beta1**t
-        root_bias_correction2 = math.sqrt(1.0 - beta2**t)
-        # (m/bc1) / (√v/√bc2 + ε) = (√bc2/bc1) · m / (√v + ε·√bc2): one pass fewer over v
-        eps = float(group["eps"]) * root_bias_correction2 if family.eps_outside_root else 0.0
-        return coeff * root_bias_correction2 / bias_correction1, eps, tensors[0], tensors[1]
-
-    def _stash_for(self, p: torch.Tensor) -> torch.Tensor:
+    def _stash_for(self, p: Tensor) -> Tensor:
         stash = self._stash.get(p)
         if stash is None:
             stash = self._stash[p] = torch.empty_like(p, memory_format=torch.preserve_format)
@@ -302,38 +251,52 @@ class WeightPredictor:
     # -- the rules ------------------------------------------------------------------------
 
     def _apply_momentum(self, chunk: _Chunk) -> None:
-        """θ̂ = decay·θ − scale·buffer (one scale per param group)."""
-        scale = chunk.scale[0]
+        """θ̂ = decay·θ + alpha·buffer (one alpha per param group)."""
         if self.foreach:
             if self.decoupled_decay:
                 torch._foreach_mul_(chunk.params, chunk.decay)
-            torch._foreach_add_(chunk.params, chunk.direction, alpha=-scale)
+            if chunk.on_device:
+                torch._foreach_addcmul_(chunk.params, chunk.direction, chunk.alpha)  # 0-dim alphas broadcast
+            else:
+                torch._foreach_add_(chunk.params, chunk.direction, alpha=chunk.alpha[0])
             return
-        for p, d in zip(chunk.params, chunk.direction):
+        for p, d, alpha in zip(chunk.params, chunk.direction, chunk.alpha):
             if self.decoupled_decay:
                 p.mul_(chunk.decay)
-            p.add_(d, alpha=-scale)
+            if chunk.on_device:
+                p.addcmul_(d, alpha)
+            else:
+                p.add_(d, alpha=alpha)
 
     def _apply_adaptive(self, chunk: _Chunk) -> None:
-        """θ̂ = decay·θ − scale·m / (√v + eps)."""
-        negative_scale = [-s for s in chunk.scale]
+        """θ̂ = decay·θ + alpha·m / (√v + eps).
+
+        With tensor scalars the denominator is divided by alpha first, as torch's
+        capturable Adam does, since addcdiv takes only a float as its factor.
+        """
         denom = self._square_roots(chunk)
-        add_eps = any(chunk.eps)  # AdaM3 keeps ε inside the root: nothing to add
         if self.foreach:
-            if add_eps:
+            if chunk.add_eps:
                 torch._foreach_add_(denom, chunk.eps)
             if self.decoupled_decay:
                 torch._foreach_mul_(chunk.params, chunk.decay)
-            torch._foreach_addcdiv_(chunk.params, chunk.direction, denom, negative_scale)
+            if chunk.on_device:
+                torch._foreach_div_(denom, chunk.alpha)
+                torch._foreach_addcdiv_(chunk.params, chunk.direction, denom)
+            else:
+                torch._foreach_addcdiv_(chunk.params, chunk.direction, denom, chunk.alpha)
             return
-        for p, m, d, scale, eps in zip(chunk.params, chunk.direction, denom, negative_scale, chunk.eps):
-            if add_eps:
+        for p, m, d, alpha, eps in zip(chunk.params, chunk.direction, denom, chunk.alpha, chunk.eps):
+            if chunk.add_eps:
                 d.add_(eps)
             if self.decoupled_decay:
                 p.mul_(chunk.decay)
-            p.addcdiv_(m, d, value=scale)
+            if chunk.on_device:
+                p.addcdiv_(m, d.div_(alpha))
+            else:
+                p.addcdiv_(m, d, value=alpha)
 
-    def _square_roots(self, chunk: _Chunk) -> list[torch.Tensor]:
+    def _square_roots(self, chunk: _Chunk) -> list[Tensor]:
         """√v for every piece of ``chunk``, in temporaries the rule may overwrite.
 
         On the CPU they are views of one buffer kept between calls: a fresh
@@ -365,12 +328,12 @@ class WeightPredictor:
                 "optimizer.step() called while the predicted weights are in place: "
                 "call WeightPredictor.restore() (or leave predicted()) before stepping"
             )
-        if _LAST_UPDATE not in self._families:
+        if not self._records_updates:
             return
-        self._lr_used = [float(group["lr"]) for group in optimizer.param_groups]
+        self._lr_used = [rules.scalar(group["lr"]) for group in optimizer.param_groups]
         with torch.no_grad():
-            for group, family in zip(optimizer.param_groups, self._families):
-                if family is not _LAST_UPDATE:
+            for group, rule in zip(optimizer.param_groups, self._rules):
+                if not isinstance(rule, LastUpdate):
                     continue
                 for p in group["params"]:
                     if p.requires_grad and p.grad is not None:
@@ -381,14 +344,18 @@ class WeightPredictor:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        for group, family, lr in zip(optimizer.param_groups, self._families, self._lr_used):
-            if family is not _LAST_UPDATE:
+        for group, rule, lr in zip(optimizer.param_groups, self._rules, self._lr_used):
+            if not isinstance(rule, LastUpdate):
                 continue
+            if isinstance(lr, Tensor):  # on the device: 1/γ, or 0 where no step was taken, without reading γ
+                inverse_lr = torch.where(lr == 0, 0.0, lr.reciprocal())
             for p in group["params"]:
                 buffer = self._last_update.get(p)
                 if buffer is None or not p.requires_grad or p.grad is None:
                     continue
-                if lr == 0.0:
+                if isinstance(lr, Tensor):
+                    buffer.sub_(p).mul_(inverse_lr)
+                elif lr == 0.0:
                     buffer.zero_()  # no step taken: no direction to extrapolate
                 else:
                     buffer.sub_(p).div_(lr)  # (θ_before − θ_after) / γ_used
@@ -431,7 +398,7 @@ class WeightPredictor:
             restored[p] = buffer.to(device=p.device, dtype=p.dtype).clone(memory_format=torch.preserve_format)
         self._last_update = restored
 
-    def _all_params(self) -> list[torch.Tensor]:
+    def _all_params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def __repr__(self) -> str:
@@ -441,7 +408,7 @@ class WeightPredictor:
         )
 
 
-def _pieces(limit: int, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+def _pieces(limit: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
     """Split aligned same-shape tensors into flat pieces of at most ``limit`` elements.
 
     Tensors that are not all plainly contiguous (channels_last, strided views)
@@ -454,9 +421,14 @@ def _pieces(limit: int, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]
     return [tuple(f[start : start + limit] for f in flat) for start in range(0, first.numel(), limit)]
 
 
+def _real_views(*tensors: Tensor) -> list[Tensor]:
+    """Complex tensors as real ones with a trailing (re, im) axis, as torch's optimizers update them."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+
+
 def _by_device_and_dtype(
-    params: list[torch.Tensor], stash: list[torch.Tensor]
-) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    params: list[Tensor], stash: list[Tensor]
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
     groups: dict[tuple, tuple[list, list]] = {}
     for p, s in zip(params, stash):
         group = groups.setdefault((p.device, p.dtype), ([], []))
