@@ -183,8 +183,8 @@ def _on_host(tensor: Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
-def _refuse(name: str, flag: str, value: object, advice: str) -> ValueError:
-    return ValueError(f"{name}({flag}={value!r}) is not modelled by rule='auto': {advice}")
+def _refuse(name: str, flag: str, value: object, why: str) -> ValueError:
+    return ValueError(f"{name}({flag}={value!r}) is not modelled by rule='auto' ({why}); use rule='last_update'")
 
 
 # -- built-in entries -------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def _refuse(name: str, flag: str, value: object, advice: str) -> ValueError:
 
 def _sgd(group: dict, name: str = "SGD", decoupled: bool = False) -> Rule:
     if group["momentum"] == 0:
-        raise _refuse(name, "momentum", group["momentum"], "it keeps no state to predict from; use rule='last_update'")
+        raise _refuse(name, "momentum", group["momentum"], "it keeps no state to predict from")
     return Momentum("momentum_buffer", decoupled_decay=decoupled)
 
 
@@ -201,43 +201,50 @@ def _rmsprop(group: dict) -> Rule:
     return Momentum("momentum_buffer") if group["momentum"] > 0 else LAST_UPDATE
 
 
-def _adam(group: dict) -> Rule:
+def _adam(group: dict, decoupled: bool = False) -> Rule:
     second = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
-    return Adaptive("exp_avg", second, decoupled_decay=bool(group.get("decoupled_weight_decay", False)))
+    return Adaptive("exp_avg", second, decoupled_decay=decoupled or bool(group.get("decoupled_weight_decay", False)))
 
 
-def _adamw(group: dict) -> Rule:
-    return Adaptive("exp_avg", "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq", decoupled_decay=True)
+def _adabelief(group: dict) -> Rule:
+    return Adaptive("exp_avg", "exp_avg_var", decoupled_decay=group["decoupled_weight_decay"])
+
+
+def _adam3(group: dict) -> Rule:
+    return Adaptive("exp_avg", "exp_avg_sq", eps_outside_root=False, decoupled_decay=group["decoupled_weight_decay"])
 
 
 register_rule(torch.optim.SGD, _sgd)
 register_rule(torch.optim.RMSprop, _rmsprop)
 register_rule(torch.optim.Adam, _adam)
-register_rule(torch.optim.AdamW, _adamw)  # also where AdamW is not (yet) a subclass of Adam
-register_rule(AdaBelief, lambda group: Adaptive("exp_avg", "exp_avg_var", decoupled_decay=group["decoupled_weight_decay"]))
-register_rule(
-    AdaM3, lambda group: Adaptive("exp_avg", "exp_avg_sq", eps_outside_root=False, decoupled_decay=group["decoupled_weight_decay"])
-)
+register_rule(torch.optim.AdamW, lambda group: _adam(group, decoupled=True))  # also where AdamW does not subclass Adam
+register_rule(AdaBelief, _adabelief)
+register_rule(AdaM3, _adam3)
 
 
-# timm (by name: registering does not import it). Each `step` was read for timm 1.0.31 and is run
-# against the rule in tests/test_rules.py. Flags that change the step beyond the rule are refused.
+# timm, by qualified name (registering imports nothing). Each `step` was read in timm 1.0.31 and is
+# run against its rule in tests/test_rules.py; flags that take the step beyond the rule are refused.
+# Not registered, because none of the three rules is their step: RAdamLegacy and
+# AdaBelief(rectify=True) (rectified steps), NAdamLegacy and NAdamW (Nesterov-style: the step mixes
+# in the next gradient), AdamP and SGDP (projections), Lamb and Lars (trust ratios), LaProp (lr
+# inside the moment and an lr-weighted bias correction), Lion (the sign of a mix with the next
+# gradient), Adan and Mars (gradient differences), RMSpropTF (lr inside the momentum buffer), and
+# the factored or preconditioned MADGRAD, Adafactor, AdafactorBigVision, Adahessian, Kron, Muon and
+# NvNovoGrad. rule='last_update' serves all of them.
 
 
 def _timm_refusals(name: str, group: dict) -> None:
     if group.get("caution", False):
-        raise _refuse(name, "caution", True, "the cautious mask depends on the next gradient; use rule='last_update'")
+        raise _refuse(name, "caution", True, "the cautious mask depends on the next gradient")
     if group.get("corrected_weight_decay", False):
-        raise _refuse(name, "corrected_weight_decay", True, "the decay is scaled by γ²/γ_max; use rule='last_update'")
+        raise _refuse(name, "corrected_weight_decay", True, "the decay is scaled by γ²/γ_max")
 
 
 def _timm_adabelief(group: dict) -> Rule:
     if group["rectify"]:
-        raise _refuse(
-            "AdaBelief", "rectify", True, "the rectified step is RAdam's, not Adam's; pass rectify=False or use rule='last_update'"
-        )
+        raise _refuse("AdaBelief", "rectify", True, "the rectified step is RAdam's; rectify=False is Adam's")
     if group["decoupled_decay"] and group["fixed_decay"]:
-        raise _refuse("AdaBelief", "fixed_decay", True, "the decay does not scale with γ; use rule='last_update'")
+        raise _refuse("AdaBelief", "fixed_decay", True, "the decay does not scale with γ")
     second = "max_exp_avg_var" if group["amsgrad"] else "exp_avg_var"
     return Adaptive("exp_avg", second, decoupled_decay=group["decoupled_decay"])
 
@@ -245,14 +252,13 @@ def _timm_adabelief(group: dict) -> Rule:
 def _timm_adamw(group: dict) -> Rule:
     _timm_refusals("AdamWLegacy", group)
     if group.get("clipping_threshold") is not None:
-        raise _refuse(
-            "AdamWLegacy", "clipping_threshold", group["clipping_threshold"], "the clip depends on the next gradient; use rule='last_update'"
-        )
-    return Adaptive("exp_avg", "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq", decoupled_decay=True)
+        clip = group["clipping_threshold"]
+        raise _refuse("AdamWLegacy", "clipping_threshold", clip, "the clip depends on the next gradient")
+    return _adam(group, decoupled=True)
 
 
 def _timm_adopt(group: dict) -> Rule:
-    # θ ← θ − γ·m after m ← β1·m + (1 − β1)·clip(g/√v): the first moment is the step, as SGD's buffer is
+    # θ ← θ − γ·m right after m ← β1·m + (1 − β1)·clip(g/√v): its first moment is its step
     _timm_refusals("Adopt", group)
     return Momentum("exp_avg", decoupled_decay=group["decoupled"])
 
