@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import xgrad.predict
+import xgrad.rules
 from xgrad import WeightPredictor
 from xgrad.optim import AdaBelief, AdaM3
 
@@ -435,3 +436,117 @@ def test_small_mlp_trains_with_the_predicted_loop():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
         assert loss_fn(model(x), y).item() < 0.3 * first
     assert accuracy > 0.95
+
+
+# -- no host synchronisation: scalars that live on an accelerator are never read -----------------
+
+
+def _on_meta() -> torch.Tensor:
+    return torch.empty((), device="meta")
+
+
+ON_META = {  # the optimizer, its state keys, the predictor's decoupled_decay
+    "adam-capturable": (lambda ps: torch.optim.Adam(ps, capturable=True), ("exp_avg", "exp_avg_sq"), False),
+    "adam-fused-amsgrad": (
+        lambda ps: torch.optim.Adam(ps, fused=True, amsgrad=True),
+        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        False,
+    ),
+    "adamw-capturable-decoupled": (
+        lambda ps: torch.optim.AdamW(ps, capturable=True, weight_decay=0.1),
+        ("exp_avg", "exp_avg_sq"),
+        True,
+    ),
+    "adam3": (lambda ps: AdaM3(ps), ("exp_avg", "exp_avg_sq"), False),
+    "sgd-momentum": (lambda ps: torch.optim.SGD(ps, momentum=0.9), ("momentum_buffer",), False),
+    "rmsprop-momentum-capturable": (
+        lambda ps: torch.optim.RMSprop(ps, momentum=0.9, capturable=True),
+        ("momentum_buffer", "square_avg"),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("case", sorted(ON_META))
+def test_predict_and_restore_read_no_value_off_the_device(case, foreach):
+    """On ``meta`` every read of a value (``.item()``, ``float()``, ``bool()``, ``if t == 0``) raises.
+
+    That is how a host synchronisation would show on a GPU. Here the step
+    counts live on the device, as with fused/capturable optimizers, and so do
+    the lr and the betas (tensors there are allowed by torch for these).
+    """
+    factory, keys, decoupled_decay = ON_META[case]
+    params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(7, 5), (5,), (3, 4, 2)]]
+    opt = factory(params)  # built with floats: the constructors check their values
+    for group in opt.param_groups:
+        group["lr"] = _on_meta()
+        if "betas" in group:
+            group["betas"] = (_on_meta(), _on_meta())
+        for p in group["params"]:
+            opt.state[p] = {key: torch.empty_like(p) for key in keys}
+            if "exp_avg_sq" in keys:
+                opt.state[p]["step"] = _on_meta()
+    predictor = WeightPredictor(opt, steps=2, decoupled_decay=decoupled_decay, foreach=foreach)
+    predictor.predict()
+    assert predictor.is_predicted
+    predictor.restore()
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scalars_kept_on_the_device_give_the_same_prediction(case, foreach, monkeypatch):
+    """The on-device arithmetic (0-dim tensor scalars), run on the CPU by treating every tensor as off-host."""
+    factory, delta_fn = CASES[case]
+    params = _params()
+    opt = factory(params)
+    _train(opt, params, steps=3)
+    monkeypatch.setattr(xgrad.rules, "_on_host", lambda tensor: False)
+    opt.param_groups[0]["lr"] = torch.tensor(opt.param_groups[0]["lr"])  # a tensor lr, as fused/capturable allow
+    _check_prediction(opt, params, 2, delta_fn, predictor=WeightPredictor(opt, steps=2, foreach=foreach))
+
+
+@pytest.mark.parametrize("lr", [0.01, 0.0])
+def test_last_update_with_a_tensor_lr_kept_on_the_device(lr, monkeypatch):
+    monkeypatch.setattr(xgrad.rules, "_on_host", lambda tensor: False)
+    params = _params()
+    opt = torch.optim.RMSprop(params, lr=torch.tensor(lr), foreach=False)
+    predictor = WeightPredictor(opt, steps=2)
+    _train(opt, params, steps=2)
+    previous = [p.detach().clone() for p in params]
+    _train(opt, params, steps=1, seed=7)
+    now = [p.detach().clone() for p in params]
+    with predictor.predicted():
+        for p, a, b in zip(params, previous, now):
+            direction = (a.double() - b.double()) / lr if lr else torch.zeros_like(b, dtype=torch.float64)
+            torch.testing.assert_close(p.detach().double(), b.double() - 2 * lr * direction, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+        lambda ps: torch.optim.Adam(ps, lr=torch.tensor(1e-3, device="cuda"), capturable=True),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    ],
+    ids=["adam-fused", "adam-capturable-tensor-lr", "adamw-foreach", "sgd-nesterov"],
+)
+def test_no_host_synchronisation_on_a_gpu(factory):
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(64, 32), (32,), (8, 4, 3, 3)]]
+    opt = factory(params)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    predictor = WeightPredictor(opt, steps=1)
+    before = [p.detach().clone() for p in params]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        predictor.predict()
+        predictor.restore()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
