@@ -19,7 +19,8 @@ restore, clip, step) on a batch already on the device:
 
 A cell whose data is missing is listed as not measured. The table is written to
 ``overhead.out`` (``results/<scale>/overhead.md``), labelled with the hardware,
-the scale and the settings.
+the scale and the settings, through the suite's one table renderer
+(:func:`xgrad.report.tables.markdown_table`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import time
 from itertools import cycle, islice
 from pathlib import Path
 
+import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -40,6 +42,7 @@ from xgrad.data.base import DatasetMissingError
 from xgrad import hardware
 from xgrad.engine import Engine, to_device
 from xgrad.loggers import RunLogger
+from xgrad.report.tables import markdown_table
 from xgrad.train import CONF_DIR, build, build_predictor, constructor, resolve_device, seed_everything, settings
 
 
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> Path:
                 except DatasetMissingError as error:
                     skipped.append(f"`{cell}`: {error}")
                     break  # the other optimizers need the same data
-                print(_row(rows[-1]), flush=True)
+                print(" | ".join(_cells(rows[-1])), flush=True)
     device = resolve_device(base.trainer.device)
     out = Path(base.overhead.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,9 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def _row(row: dict) -> str:
+def _cells(row: dict) -> list[str]:
+    """One measurement as the table's cells, in the order of :data:`COLUMNS`."""
+
     def ratio(xgrad, baseline):
         return "n/a" if xgrad is None else f"{100 * (xgrad / baseline - 1):+.1f}%"
 
@@ -165,7 +170,7 @@ def _row(row: dict) -> str:
         f"{row['baseline_ms']:.2f}", f"{row['xgrad_ms']:.2f}", ratio(row["xgrad_ms"], row["baseline_ms"]),
         f"±{row['spread']:.1f}%", mb(row["baseline_mb"]), mb(row["xgrad_mb"]), ratio(row["xgrad_mb"], row["baseline_mb"]),
     ]  # fmt: skip
-    return "| " + " | ".join(cells) + " |"
+    return cells
 
 
 def render(rows: list[dict], skipped: list[str], scale: str, device: str, plan: DictConfig) -> str:
@@ -181,9 +186,7 @@ def render(rows: list[dict], skipped: list[str], scale: str, device: str, plan: 
         "Noise: the larger of the two arms' block spreads, (slowest − fastest block) / median; "
         "a time overhead smaller than it is not distinguishable from zero at these settings.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-        *(_row(row) for row in rows),
+        markdown_table(pd.DataFrame([_cells(row) for row in rows], columns=COLUMNS)),
         "",
         "## Not measured",
         "",

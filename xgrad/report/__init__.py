@@ -1,0 +1,31 @@
+"""Run directories → statistics → tables and plots: what a sweep's ``results/<figure>.md`` says.
+
+The tables are the product of this suite: a researcher reads them to learn
+whether XGrad beats the base optimizer. So a verdict is a statistic, not the
+sign of a difference of means (DESIGN.md, "Engineering conventions"), and all
+of it lives here, once, for every caller (``scripts/make_tables.py``,
+``scripts/plot_curves.py``, the end-of-sweep callback
+``xgrad.callbacks.SweepReports``, ``scripts/bench_overhead.py``):
+
+- :mod:`xgrad.report.runs` reads run directories (or W&B runs) into records
+  and groups them into cells;
+- :mod:`xgrad.report.stats` holds the statistics on plain numbers (paired t
+  interval and verdict, Wilcoxon across cells, Benjamini–Hochberg, convergence);
+- :mod:`xgrad.report.compare` pairs runs by seed and turns cells into
+  comparisons and per-optimizer summaries;
+- :mod:`xgrad.report.tables` renders them as Markdown through the one
+  renderer, :func:`xgrad.report.tables.markdown_table` (pandas);
+- :mod:`xgrad.report.plots` draws the curves (matplotlib, imported only there).
+
+Only the run records are imported with the package; the modules that need
+pandas, scipy or matplotlib load when used.
+"""
+
+from xgrad.report.runs import (
+    Cell, Run, find_run_dirs, group_cells, load_run, load_runs, load_wandb_runs, problems, unpaired_seeds,
+)  # fmt: skip
+
+__all__ = [
+    "Cell", "Run", "find_run_dirs", "group_cells", "load_run", "load_runs", "load_wandb_runs", "problems",
+    "unpaired_seeds",
+]  # fmt: skip

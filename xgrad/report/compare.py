@@ -1,0 +1,256 @@
+"""Cells of runs → one :class:`Comparison` per (cell, s), and a figure's :class:`GroupSummary` s.
+
+This is where runs meet :mod:`xgrad.report.stats`: which runs pair up (same
+seed on both sides; anything else is listed, never counted), which value is
+compared (the basis), and how a figure's comparisons add up to a verdict per
+optimizer.
+
+The basis of a verdict is the test metric at the epoch the validation split
+selected (``Run.test``). When a comparison's runs do not all carry it (runs
+written before the engine recorded it, data without a test split), the basis
+is the best validation value instead, and :attr:`Comparison.basis` says so.
+The best test value over epochs (the optimizer papers' habit, where the test
+set picks the epoch) is carried along for display only.
+
+A figure's verdict for one optimizer (and one ``s``, when a figure sweeps it)
+is "XGrad better" only when the Wilcoxon signed-rank test across its cells is
+significant in XGrad's favour and none of its comparisons is significantly
+worse after the Benjamini–Hochberg correction across the table; "XGrad worse"
+symmetrically; otherwise the counts, and "inconclusive".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from xgrad.report.runs import Cell, Run
+from xgrad.report.stats import (
+    ALPHA, BETTER, MIN_CELLS_FOR_SIGNIFICANCE, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, WORSE, AcrossCells, Paired,
+    across_cells, bh_adjust, curve_mean, direction_sign, epochs_to_reach, paired_difference,
+)  # fmt: skip
+
+#: what a comparison's verdict rests on
+BASIS_TEST = "test at val-selected epoch"
+BASIS_VAL = "best val (no test metric)"
+
+
+@dataclass
+class Convergence:
+    """Per seed pair: epochs for the baseline to reach its own best validation value, and for XGrad to reach it.
+
+    ``baseline``/``xgrad`` hold the epochs of the pairs where XGrad reached the
+    target; ``never`` counts the pairs where it did not, out of ``pairs``;
+    ``difference`` is XGrad − baseline over the reached pairs (fewer is faster).
+    """
+
+    pairs: int
+    never: int
+    baseline: list[int]
+    xgrad: list[int]
+    difference: Paired
+
+
+@dataclass
+class Comparison:
+    """One row of a table: a cell's baseline against its XGrad runs at one ``s``."""
+
+    cell: Cell
+    steps: int | None
+    pairs: list[tuple[Run, Run]]
+    basis: str
+    result: Paired
+    convergence: Convergence | None
+    auc: Paired | None
+    #: the basis values of the pairs: (baseline, XGrad)
+    values: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+    #: each pair's validation-curve means over its common epochs: (baseline, XGrad)
+    auc_values: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+    #: Benjamini–Hochberg adjusted p across the table's rows; set by :func:`compare`
+    p_adjusted: float | None = None
+
+    @property
+    def optimizer(self) -> str:
+        return self.cell.optimizer
+
+    @property
+    def relative(self) -> float | None:
+        """The mean difference as a fraction of the baseline mean, positive when XGrad is better."""
+        base = self.values[0]
+        if self.result.mean is None or not base or np.mean(base) == 0:
+            return None
+        return direction_sign(self.cell.mode) * self.result.mean / abs(float(np.mean(base)))
+
+    @property
+    def significant(self) -> str | None:
+        """``better``/``worse`` when the BH-adjusted p is below 0.05, else None."""
+        if self.p_adjusted is None or self.p_adjusted >= ALPHA or self.result.verdict not in (BETTER, WORSE):
+            return None
+        return self.result.verdict
+
+
+def compare(cells: Sequence[Cell]) -> list[Comparison]:
+    """Every (cell, s) comparison of ``cells``, with p-values BH-adjusted across all of them.
+
+    A cell without XGrad runs gives one comparison with ``steps`` None and no pairs.
+    """
+    rows = [compare_arm(cell, steps, runs) for cell in cells for steps, runs in (cell.xgrad.items() or [(None, [])])]
+    for row, adjusted in zip(rows, bh_adjust([row.result.p for row in rows])):
+        row.p_adjusted = adjusted
+    return rows
+
+
+def pair_up(baseline: Sequence[Run], xgrad: Sequence[Run]) -> list[tuple[Run, Run]]:
+    """(baseline run, XGrad run) for each seed both sides ran, in seed order."""
+    by_seed = {run.seed: run for run in baseline if run.seed is not None}
+    pairs = [(by_seed[run.seed], run) for run in xgrad if run.seed in by_seed]
+    return sorted(pairs, key=lambda pair: str(pair[0].seed).zfill(12))
+
+
+def compare_arm(cell: Cell, steps: int | None, xgrad: Sequence[Run]) -> Comparison:
+    """The baseline of ``cell`` against its XGrad runs ``xgrad`` (prediction step ``steps``)."""
+    pairs = pair_up(cell.baseline, xgrad)
+    with_test = pairs and all(b.test is not None and x.test is not None for b, x in pairs)
+    basis = BASIS_TEST if with_test else BASIS_VAL
+    attribute = "test" if with_test else "best"
+    base = [getattr(b, attribute) for b, _ in pairs]
+    ours = [getattr(x, attribute) for _, x in pairs]
+    areas = curve_areas(pairs)
+    return Comparison(
+        cell=cell,
+        steps=steps,
+        pairs=pairs,
+        basis=basis,
+        result=paired_difference(base, ours, cell.mode),
+        convergence=convergence(pairs, cell.mode),
+        auc=paired_difference(*areas, cell.mode) if areas[0] else None,
+        values=(base, ours),
+        auc_values=areas,
+    )
+
+
+def convergence(pairs: Sequence[tuple[Run, Run]], mode: str) -> Convergence | None:
+    """Epochs to the baseline's best validation value, per pair (see :class:`Convergence`).
+
+    Pairs where the baseline has no curve are skipped; None when none has one.
+    """
+    counted, never, base_epochs, xgrad_epochs = 0, 0, [], []
+    for baseline, xgrad in pairs:
+        base_curve = [v for _, v in baseline.curve]
+        if not base_curve:
+            continue
+        counted += 1
+        target = (max if mode == "max" else min)(base_curve)
+        reached = epochs_to_reach([v for _, v in xgrad.curve], target, mode)
+        if reached is None:
+            never += 1
+            continue
+        base_epochs.append(epochs_to_reach(base_curve, target, mode))
+        xgrad_epochs.append(reached)
+    if not counted:
+        return None
+    # fewer epochs is better, whatever the metric's direction
+    return Convergence(counted, never, base_epochs, xgrad_epochs, paired_difference(base_epochs, xgrad_epochs, "min"))
+
+
+def curve_areas(pairs: Sequence[tuple[Run, Run]]) -> tuple[list[float], list[float]]:
+    """Per pair, each run's validation-curve mean over the epochs both runs have: (baseline, XGrad).
+
+    Pairs without a common epoch are skipped.
+    """
+    base, ours = [], []
+    for baseline, xgrad in pairs:
+        theirs, mine = dict(baseline.curve), dict(xgrad.curve)
+        common = sorted(set(theirs) & set(mine))
+        if common:
+            base.append(curve_mean([theirs[e] for e in common]))
+            ours.append(curve_mean([mine[e] for e in common]))
+    return base, ours
+
+
+@dataclass
+class GroupSummary:
+    """One optimizer's comparisons (at one ``s`` when the figure has several): counts, tests, verdict."""
+
+    label: str
+    rows: list[Comparison]
+    test: AcrossCells | None
+    verdict: str
+    explanation: str
+
+    def count(self, verdict: str) -> int:
+        return sum(row.result.verdict == verdict for row in self.rows if row.pairs)
+
+    def significant(self, verdict: str) -> int:
+        """Rows significantly ``better``/``worse`` after the BH correction."""
+        return sum(row.significant == verdict for row in self.rows)
+
+    @property
+    def compared(self) -> int:
+        return sum(bool(row.pairs) for row in self.rows)
+
+
+def summarise(rows: Sequence[Comparison]) -> list[GroupSummary]:
+    """One :class:`GroupSummary` per optimizer (per optimizer and ``s`` when it has several ``s``).
+
+    A group also for all optimizers together (per ``s``) when the table holds
+    more than one optimizer: each cell is a distinct (data, model, optimizer,
+    scale), so pooling them never counts a cell twice.
+    """
+    groups: dict[tuple, list[Comparison]] = {}
+    for row in rows:
+        groups.setdefault((row.optimizer, row.steps), []).append(row)
+    several_steps = {opt for opt, steps in groups if sum(o == opt for o, _ in groups) > 1}
+    summaries = []
+    for (optimizer, steps), members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+        label = optimizer + (f", s={steps}" if optimizer in several_steps else "")
+        summaries.append(summarise_group(label, members))
+    optimizers = {row.optimizer for row in rows}
+    if len(optimizers) > 1:
+        all_steps = sorted({row.steps for row in rows if row.steps is not None})
+        for steps in all_steps:
+            label = "all optimizers" + (f", s={steps}" if len(all_steps) > 1 else "")
+            summaries.append(summarise_group(label, [row for row in rows if row.steps == steps]))
+    return summaries
+
+
+def summarise_group(label: str, rows: Sequence[Comparison]) -> GroupSummary:
+    """The verdict of one group of comparisons (see the module docstring for the rule)."""
+    rows = list(rows)
+    relative = [row.relative for row in rows if row.pairs and row.relative is not None]
+    if not relative:
+        return GroupSummary(label, rows, None, "no comparison", "no complete baseline/XGrad pair to compare.")
+    test = across_cells(relative)
+    summary = GroupSummary(label, rows, test, "", "")
+    better, worse = summary.significant(BETTER), summary.significant(WORSE)
+    wins = test.p < ALPHA and test.favours == "xgrad"
+    losses = test.p < ALPHA and test.favours == "baseline"
+    counts = (
+        f"better in {summary.count(BETTER)}, worse in {summary.count(WORSE)}, "
+        f"no clear difference in {summary.count(NO_CLEAR_DIFFERENCE)}, too few seeds in {summary.count(TOO_FEW_SEEDS)} "
+        f"of {summary.compared} comparison(s); Wilcoxon signed-rank across {test.n} cell(s) p = {test.p:.3g} "
+        f"(median relative difference {100 * test.median:+.2g}%, positive favours XGrad); "
+        f"significant after Benjamini–Hochberg: {better} better, {worse} worse"
+    )  # fmt: skip
+    if wins and not worse:
+        summary.verdict, summary.explanation = "XGrad better", counts + "."
+    elif losses and not better:
+        summary.verdict, summary.explanation = "XGrad worse", counts + "."
+    else:
+        reasons = []
+        if not test.can_reach_significance:
+            reasons.append(
+                f"with {test.nonzero} cell(s) that differ, a two-sided signed-rank test cannot reach p < 0.05 "
+                f"(it needs at least {MIN_CELLS_FOR_SIGNIFICANCE})"
+            )
+        if wins and worse:
+            reasons.append(f"the across-cell test favours XGrad but {worse} comparison(s) are significantly worse")
+        if losses and better:
+            reasons.append(
+                f"the across-cell test favours the baseline but {better} comparison(s) are significantly better"
+            )
+        summary.verdict = "inconclusive"
+        summary.explanation = counts + (f"; {'; '.join(reasons)}" if reasons else "") + "."
+    return summary

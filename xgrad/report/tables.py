@@ -1,0 +1,278 @@
+"""Comparisons → the Markdown document a researcher reads (``results/<figure>.md``).
+
+One renderer, :func:`markdown_table` (pandas' ``DataFrame.to_markdown``), draws
+every table of the suite: this module's comparison tables (written by
+``scripts/make_tables.py`` and by the end-of-sweep callback
+``xgrad.callbacks.SweepReports``) and the overhead benchmark's
+(``scripts/bench_overhead.py``). :func:`render` is the whole document: a header
+saying what the numbers are, one row per (cell, s) from
+:mod:`xgrad.report.compare`, a summary per optimizer, the verdicts, and every
+run that did not count with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xgrad.report.compare import BASIS_TEST, BASIS_VAL, Comparison, GroupSummary, compare, summarise
+from xgrad.report.runs import Cell, Run, group_cells, problems, unpaired_seeds
+from xgrad.report.stats import ALPHA, BETTER, MIN_PAIRS, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, WORSE, Paired
+
+#: the comparison table's columns, in order
+COLUMNS = [
+    "data", "model", "optimizer", "s", "metric", "direction", "data variant (train / val / test)", "basis",
+    "pairs", "baseline", "XGrad", "Δ XGrad − baseline [95% CI]", "verdict", "p (paired t)", "p (BH)",
+    "best test over epochs (paper's habit, not a verdict basis): base / XGrad",
+    "epochs to baseline's best val: base vs XGrad", "Δ epochs [95% CI]",
+    "val AUC (mean over epochs): base / XGrad", "Δ val AUC [95% CI]", "AUC verdict",
+    "epochs", "wall time s (base / XGrad)", "scale", "hardware",
+]  # fmt: skip
+
+#: the per-optimizer summary table's columns
+SUMMARY_COLUMNS = [
+    "optimizer", "comparisons", "better", "worse", "no clear difference", "too few seeds",
+    "Wilcoxon p (across cells)", "BH-significant (better / worse)", "verdict",
+]  # fmt: skip
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """``frame`` as a GitHub-flavoured Markdown table: every cell as given, unpadded, ``|`` escaped.
+
+    Cells are shown as the strings they are (no re-parsing of numbers), and
+    rows are not padded to column width, so a row reads the same whatever its
+    neighbours hold.
+    """
+    text = frame.astype(str).replace(r"\|", r"\\|", regex=True)
+    return text.to_markdown(index=False, disable_numparse=True, stralign=None, numalign=None)
+
+
+def render(runs: list[Run], title: str, notes: Iterable[str] = ()) -> str:
+    """The whole Markdown document for ``runs``: header, table, summary, verdicts, left-out runs, notes."""
+    cells = group_cells(runs)
+    rows = compare(cells)
+    summaries = summarise(rows)
+    lines = [
+        f"# {title}",
+        "",
+        *header(rows),
+        "",
+        markdown_table(comparison_frame(rows)),
+        "",
+        "## Summary",
+        "",
+        markdown_table(summary_frame(summaries)) if summaries else "No comparison.",
+        "",
+        "## Verdict",
+        "",
+        *verdict_lines(summaries),
+        "",
+        "## Missing or failed runs",
+        "",
+        *left_out(runs, cells),
+        "",
+    ]
+    notes = list(notes)
+    if notes:
+        lines += ["## Notes", "", *(f"- {line}" for line in notes), ""]
+    return "\n".join(lines)
+
+
+def header(rows: Sequence[Comparison]) -> list[str]:
+    """What the numbers in the table are: basis, seeds, interval, verdict rule, convergence, schedule length."""
+    ns = sorted({row.result.n for row in rows if row.pairs})
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}" if ns else "0"
+    bases = {row.basis for row in rows if row.pairs}
+    selected = "the test metric at the epoch selected on validation (the first epoch with the best validation value)"
+    without = "runs that did not record it (written before the engine did, or data without a test split)"
+    if bases == {BASIS_VAL}:
+        basis = f"**Basis**: the best validation value, not {selected}: these are {without}."
+    elif BASIS_VAL in bases:
+        basis = (
+            f"**Basis**: {selected}. Rows whose basis says \"{BASIS_VAL}\" hold {without};"
+            " they compare the best validation value instead."
+        )
+    else:
+        basis = f"**Basis**: {selected}."
+    lines = [
+        basis,
+        f"**Seeds**: n = {seeds} complete seed pair(s) per row (the XGrad and baseline runs of a pair share the seed);"
+        " baseline and XGrad are mean ± sample std over those pairs.",
+        f"**Interval**: Δ is XGrad − baseline per pair, averaged; [low, high] is its {100 * (1 - ALPHA):.0f}% t"
+        " interval (scipy.stats.ttest_rel). **Verdict**: `better` or `worse` (in the metric's direction) only when the interval"
+        f" excludes 0; `no clear difference` when it contains 0; `too few seeds` below {MIN_PAIRS} pairs (no interval)."
+        f" p (BH): the paired-t p-values adjusted for the {sum(row.result.p is not None for row in rows)} row(s) with"
+        " one (Benjamini–Hochberg).",
+        "**Convergence**: epochs (counted from 1) for the baseline to reach its own best validation value vs for XGrad"
+        " to first reach that same value, per pair; \"never k/n\" counts the pairs where XGrad never did; both means,"
+        " Δ epochs and its interval are over the pairs where XGrad reached it. **Val AUC**: the mean of the validation"
+        " metric over the epochs both runs of a pair have (area under the curve per epoch), with its own paired"
+        " interval and verdict.",
+    ]
+    lines += [f"**Schedule**: {line}" for line in schedule_lines(rows)]
+    return [f"- {line}" for line in lines]
+
+
+def schedule_lines(rows: Sequence[Comparison]) -> list[str]:
+    """"these runs measure the first N epochs of a schedule whose paper length is M", per distinct (N, M)."""
+    spans: dict[tuple[int, int], list[str]] = {}
+    for row in rows:
+        for run in (run for pair in row.pairs for run in pair):
+            if run.paper_epochs and run.epochs and run.epochs < run.paper_epochs:
+                cell = f"{row.cell.data} · {row.cell.model}"
+                names = spans.setdefault((run.epochs, run.paper_epochs), [])
+                if cell not in names:
+                    names.append(cell)
+    if len(spans) == 1:
+        [(epochs, paper)] = spans
+        return [f"these runs measure {_first(epochs, paper)}."]
+    return [
+        f"the runs of {', '.join(cells)} measure {_first(epochs, paper)}."
+        for (epochs, paper), cells in sorted(spans.items())
+    ]
+
+
+def _first(epochs: int, paper: int) -> str:
+    return f"the first {epochs} epochs of a schedule whose paper length is {paper} epochs"
+
+
+def comparison_frame(rows: Sequence[Comparison]) -> pd.DataFrame:
+    """One table row per comparison, every cell already formatted."""
+    return pd.DataFrame([_row(row) for row in rows], columns=COLUMNS)
+
+
+def _row(row: Comparison) -> list[str]:
+    cell, result = row.cell, row.result
+    base_runs = [b for b, _ in row.pairs] or cell.baseline
+    xgrad_runs = [x for _, x in row.pairs]
+    everyone = base_runs + xgrad_runs
+    base, ours = row.values
+    return [
+        cell.data, cell.model, cell.optimizer, "—" if row.steps is None else str(row.steps),
+        cell.metric, cell.direction, data_variant(everyone), row.basis if row.pairs else "—",
+        str(result.n), mean_std(base), mean_std(ours), interval(result), result.verdict,
+        number(result.p, ".2g"), number(row.p_adjusted, ".2g"),
+        f"{mean_std([r.test_best for r in base_runs])} / {mean_std([r.test_best for r in xgrad_runs])}"
+        if any(r.test_best is not None for r in everyone) else "—",
+        _convergence(row), _epochs_difference(row),
+        f"{mean_std(row.auc_values[0])} / {mean_std(row.auc_values[1])}" if row.auc else "—",
+        interval(row.auc) if row.auc else "—", row.auc.verdict if row.auc else "—",
+        distinct(run.epochs for run in everyone),
+        f"{_mean(r.wall_time_s for r in base_runs)} / {_mean(r.wall_time_s for r in xgrad_runs)}",
+        distinct(run.scale for run in everyone), distinct(run.hardware for run in everyone),
+    ]  # fmt: skip
+
+
+def _epochs_difference(row: Comparison) -> str:
+    """Δ epochs and its interval, saying over how many pairs when XGrad missed the target in some."""
+    found = row.convergence
+    if found is None or not found.xgrad:
+        return "—"
+    shown = interval(found.difference)
+    return shown + (f" over {len(found.xgrad)} pair(s)" if found.never else "")
+
+
+def _convergence(row: Comparison) -> str:
+    found = row.convergence
+    if found is None:
+        return "—"
+    never = f" (never {found.never}/{found.pairs})" if found.never else ""
+    if not found.xgrad:
+        return f"never ({found.never}/{found.pairs})"
+    return f"{np.mean(found.baseline):.3g} vs {np.mean(found.xgrad):.3g}{never}"
+
+
+def summary_frame(summaries: Sequence[GroupSummary]) -> pd.DataFrame:
+    """One row per optimizer (and ``s``): the counts, the across-cell test, the BH count, the verdict."""
+    records = []
+    for group in summaries:
+        test = group.test
+        records.append([
+            group.label, str(group.compared), str(group.count(BETTER)), str(group.count(WORSE)),
+            str(group.count(NO_CLEAR_DIFFERENCE)), str(group.count(TOO_FEW_SEEDS)),
+            "—" if test is None else f"{test.p:.3g} ({test.n} cells)",
+            f"{group.significant(BETTER)} / {group.significant(WORSE)}", group.verdict,
+        ])  # fmt: skip
+    return pd.DataFrame(records, columns=SUMMARY_COLUMNS)
+
+
+def verdict_lines(summaries: Sequence[GroupSummary]) -> list[str]:
+    """One line per summary group: the verdict in bold, then the numbers it rests on."""
+    return [f"- **{group.label}**: {group.verdict} — {group.explanation}" for group in summaries] or [
+        "- no completed runs."
+    ]
+
+
+def left_out(runs: list[Run], cells: list[Cell]) -> list[str]:
+    """Every run not in the statistics, and every seed without its partner."""
+    cwd = Path.cwd()
+    lines = []
+    for run, why in problems(runs):
+        where = run.path if str(run.path).startswith("wandb:") else os.path.relpath(run.path, cwd)
+        seed = "?" if run.seed is None else run.seed
+        lines.append(f"- `{where}` ({run.data} · {run.model} · {run.optimizer} · {run.arm} · seed {seed}): {why}")
+    lines += [f"- {line}; not counted" for cell in cells for line in unpaired_seeds(cell)]
+    return lines or ["None: every run completed and every seed has its pair."]
+
+
+def data_variant(runs: Sequence[Run]) -> str:
+    """What the runs read: the variant and its (train / val / test) sizes; "not recorded" for older runs."""
+    shown = []
+    for run in runs:
+        if run.data_variant is None and run.data_sizes is None:
+            text = "not recorded"
+        else:
+            text = run.data_variant or run.data
+            sizes = run.data_sizes or {}
+            if sizes:
+                counts = " / ".join(
+                    "—" if sizes.get(split) is None else f"{sizes[split]:,}" for split in ("train", "val", "test")
+                )
+                text += f" ({counts}{' ' + sizes['unit'] if sizes.get('unit') else ''})"
+        if text not in shown:
+            shown.append(text)
+    return "; ".join(shown) if shown else "—"
+
+
+def interval(result: Paired | None) -> str:
+    """``+mean [low, high]``; the mean alone below three pairs; "—" without pairs."""
+    if result is None or result.mean is None:
+        return "—"
+    if result.low is None:
+        return f"{result.mean:+.4g} (no interval)"
+    return f"{result.mean:+.4g} [{result.low:+.4g}, {result.high:+.4g}]"
+
+
+def mean_std(values: Iterable[float | None]) -> str:
+    """Mean ± sample std (std from two values up); "—" when there is none."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "—"
+    if len(present) < 2:
+        return number(present[0])
+    return f"{number(float(np.mean(present)))} ± {number(float(np.std(present, ddof=1)))}"
+
+
+def distinct(values: Iterable) -> str:
+    present = sorted({str(value) for value in values if value is not None})
+    return ", ".join(present) if present else "—"
+
+
+def number(value: float | None, spec: str = ".4g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _mean(values: Iterable[float | None]) -> str:
+    """The mean to one decimal (wall times), "—" without values."""
+    present = [v for v in values if v is not None]
+    return number(float(np.mean(present)), ".1f") if present else "—"
+
+
+__all__ = [
+    "BASIS_TEST", "BASIS_VAL", "COLUMNS", "SUMMARY_COLUMNS", "comparison_frame", "header", "markdown_table", "render",
+    "summary_frame", "verdict_lines",
+]  # fmt: skip
