@@ -135,7 +135,8 @@ _REGISTRY: dict[type | str, RuleEntry] = {}
 def register_rule(optimizer: type | str, rule: RuleEntry) -> None:
     """Let ``rule="auto"`` predict ``optimizer`` (and its subclasses) with ``rule``.
 
-    ``optimizer`` is a class or its qualified name (``"package.module.ClassName"``).
+    ``optimizer`` is a class or its name as ``f"{cls.__module__}.{cls.__qualname__}"``
+    (the module that defines it, e.g. ``"timm.optim.adabelief.AdaBelief"``).
     ``rule`` is a :class:`Momentum`, :class:`Adaptive` or :data:`LAST_UPDATE`,
     or a function ``group -> rule`` for optimizers whose flags change the rule;
     it raises ``ValueError`` with one line naming a flag it cannot model.
