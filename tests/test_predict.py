@@ -445,23 +445,27 @@ def _on_meta() -> torch.Tensor:
     return torch.empty((), device="meta")
 
 
-ON_META = {  # the optimizer, its state keys, the predictor's decoupled_decay
-    "adam-capturable": (lambda ps: torch.optim.Adam(ps, capturable=True), ("exp_avg", "exp_avg_sq"), False),
+ON_META = {  # the optimizer, its state keys, step counts on the device?, the predictor's decoupled_decay
+    "adam-capturable": (lambda ps: torch.optim.Adam(ps, capturable=True), ("exp_avg", "exp_avg_sq"), True, False),
     "adam-fused-amsgrad": (
         lambda ps: torch.optim.Adam(ps, fused=True, amsgrad=True),
         ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        True,
         False,
     ),
     "adamw-capturable-decoupled": (
         lambda ps: torch.optim.AdamW(ps, capturable=True, weight_decay=0.1),
         ("exp_avg", "exp_avg_sq"),
         True,
+        True,
     ),
-    "adam3": (lambda ps: AdaM3(ps), ("exp_avg", "exp_avg_sq"), False),
-    "sgd-momentum": (lambda ps: torch.optim.SGD(ps, momentum=0.9), ("momentum_buffer",), False),
+    "adam-steps-on-host": (lambda ps: torch.optim.Adam(ps, foreach=False), ("exp_avg", "exp_avg_sq"), False, False),
+    "adam3": (lambda ps: AdaM3(ps), ("exp_avg", "exp_avg_sq"), True, False),
+    "sgd-momentum": (lambda ps: torch.optim.SGD(ps, momentum=0.9), ("momentum_buffer",), False, False),
     "rmsprop-momentum-capturable": (
         lambda ps: torch.optim.RMSprop(ps, momentum=0.9, capturable=True),
         ("momentum_buffer", "square_avg"),
+        True,
         False,
     ),
 }
@@ -472,37 +476,37 @@ ON_META = {  # the optimizer, its state keys, the predictor's decoupled_decay
 def test_predict_and_restore_read_no_value_off_the_device(case, foreach):
     """On ``meta`` every read of a value (``.item()``, ``float()``, ``bool()``, ``if t == 0``) raises.
 
-    That is how a host synchronisation would show on a GPU. Here the step
-    counts live on the device, as with fused/capturable optimizers, and so do
-    the lr and the betas (tensors there are allowed by torch for these).
+    That is how a host synchronisation would show on a GPU. Here the lr lives
+    on the device, and so do the step counts and betas where fused/capturable
+    optimizers keep them there.
     """
-    factory, keys, decoupled_decay = ON_META[case]
+    factory, keys, steps_on_device, decoupled_decay = ON_META[case]
     params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(7, 5), (5,), (3, 4, 2)]]
     opt = factory(params)  # built with floats: the constructors check their values
     for group in opt.param_groups:
         group["lr"] = _on_meta()
-        if "betas" in group:
+        if "betas" in group and steps_on_device:
             group["betas"] = (_on_meta(), _on_meta())
         for p in group["params"]:
             opt.state[p] = {key: torch.empty_like(p) for key in keys}
-            if "exp_avg_sq" in keys:
-                opt.state[p]["step"] = _on_meta()
+            opt.state[p]["step"] = _on_meta() if steps_on_device else torch.tensor(3.0)
     predictor = WeightPredictor(opt, steps=2, decoupled_decay=decoupled_decay, foreach=foreach)
     predictor.predict()
     assert predictor.is_predicted
     predictor.restore()
 
 
+@pytest.mark.parametrize("off_host", ["lr-and-steps", "lr"])
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_scalars_kept_on_the_device_give_the_same_prediction(case, foreach, monkeypatch):
-    """The on-device arithmetic (0-dim tensor scalars), run on the CPU by treating every tensor as off-host."""
+def test_scalars_kept_on_the_device_give_the_same_prediction(case, foreach, off_host, monkeypatch):
+    """The on-device arithmetic (0-dim tensor scalars), run on the CPU by treating tensors as off-host."""
     factory, delta_fn = CASES[case]
     params = _params()
     opt = factory(params)
     _train(opt, params, steps=3)
-    monkeypatch.setattr(xgrad.rules, "_on_host", lambda tensor: False)
-    opt.param_groups[0]["lr"] = torch.tensor(opt.param_groups[0]["lr"])  # a tensor lr, as fused/capturable allow
+    lr = opt.param_groups[0]["lr"] = torch.tensor(opt.param_groups[0]["lr"])  # a tensor lr, as fused/capturable allow
+    monkeypatch.setattr(xgrad.rules, "_on_host", lambda tensor: off_host == "lr" and tensor is not lr)
     _check_prediction(opt, params, 2, delta_fn, predictor=WeightPredictor(opt, steps=2, foreach=foreach))
 
 

@@ -92,26 +92,28 @@ class Adaptive:
         """Per parameter (alpha, eps') with θ̂ = θ + alpha·m / (√v + eps'), where ``coeff`` = s·γ.
 
         (m/bc1) / (√v/√bc2 + ε) = (√bc2/bc1) · m / (√v + ε·√bc2) saves a pass over v.
-        Python floats when every input is readable on the host; otherwise 0-dim
-        tensors computed on the device that holds the step counts (fused or
-        capturable optimizers), for all parameters at once, so that nothing
-        waits on the accelerator.
+        Step counts held on the host (torch's default) give float bias
+        corrections. Step counts on the device (fused or capturable optimizers)
+        stay there: the step sizes of all the group's parameters are computed
+        there in a few kernels, as 0-dim tensors, so nothing waits on the device.
         """
         beta1, beta2 = (scalar(beta) for beta in group["betas"])
         eps = scalar(group["eps"]) if self.eps_outside_root else 0.0
         steps = [scalar(t) for t in steps]
-        inputs = (*steps, coeff, beta1, beta2, eps)
-        if not any(isinstance(x, Tensor) for x in inputs):
+        negative_coeff = -coeff
+        on_device = [x for x in (*steps, beta1, beta2, eps) if isinstance(x, Tensor)]
+        if not on_device:
             alphas, epsilons = [], []
             for t in steps:
                 root_bias_correction2 = math.sqrt(1.0 - beta2**t)
-                alphas.append(-coeff * root_bias_correction2 / (1.0 - beta1**t))
+                # a 0-dim tensor only where the lr itself lives on the device
+                alphas.append(negative_coeff * (root_bias_correction2 / (1.0 - beta1**t)))
                 epsilons.append(eps * root_bias_correction2)
             return alphas, epsilons
-        device = next(x.device for x in inputs if isinstance(x, Tensor))
+        device = on_device[0].device
         t = torch.stack([torch.as_tensor(step, device=device) for step in steps])
         root_bias_correction2 = (1.0 - beta2**t).sqrt()
-        alphas = (-coeff * root_bias_correction2 / (1.0 - beta1**t)).unbind()
+        alphas = (negative_coeff * root_bias_correction2 / (1.0 - beta1**t)).unbind()
         epsilons = (eps * root_bias_correction2).unbind()
         return list(alphas), list(epsilons)
 
