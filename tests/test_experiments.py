@@ -31,12 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
 OPTIMIZERS = ["sgdm", "rmsprop", "adam", "adamw", "adabelief", "adam3"]
-SEEDS = [0, 1, 2]
+SEEDS = [0, 1, 2, 3, 4]
 VISION = ["lenet", "resnet34", "densenet121", "inception_v3", "vit"]
 #: Inception-V3 has no width setting and is too slow for the CPU at full size: the quick scale leaves it out
 QUICK_VISION = ["lenet", "resnet34", "densenet121", "vit"]
 TRAINING_FIGURES = ["cifar10", "cifar100", *OPTIMIZERS, "steps"]
-SCALES = ["paper", "quick"]
+SCALES = ["paper", "quick", "converged"]
+#: (figure, scale) of every sweep there is: cifar100 has no quick scale, the converged study only its own
+SWEEPS = [*((figure, "paper") for figure in TRAINING_FIGURES),
+          *((figure, "quick") for figure in TRAINING_FIGURES if figure != "cifar100"),
+          ("converged", "converged")]
 
 #: every cell (conf/protocol/<scale>/<cell>.yaml) and the (data, model) it must train
 CELLS = {
@@ -47,11 +51,14 @@ CELLS = {
     **{f"quick/fashion_mnist_{model}": ("fashion_mnist", model) for model in QUICK_VISION},
     **{f"quick/ptb_lstm{n}": ("ptb", f"lstm{n}") for n in (1, 2, 3)},
     "quick/mnist_vae": ("mnist", "vae"),
+    "converged/fashion_mnist_lenet": ("fashion_mnist", "lenet"),
 }
 
 
 def figure_cells(figure: str, scale: str) -> list[str]:
     """The cells issue 5 asks of ``figure`` at ``scale`` (GNMT and Inception-V3 are not run at quick)."""
+    if figure == "converged":
+        return ["converged/fashion_mnist_lenet"]
     if figure in ("cifar10", "cifar100"):
         if scale == "paper":
             return [f"paper/{figure}_{model}" for model in VISION]
@@ -74,7 +81,8 @@ def figure_cells(figure: str, scale: str) -> list[str]:
 
 def expected_jobs(figure: str, scale: str) -> list[tuple]:
     """(cell, optimizer, xgrad arm, seed) of every run of the figure."""
-    optimizers = OPTIMIZERS if figure in ("cifar10", "cifar100") else ["adam"] if figure == "steps" else [figure]
+    all_six = figure in ("cifar10", "cifar100", "converged")
+    optimizers = OPTIMIZERS if all_six else ["adam"] if figure == "steps" else [figure]
     arms = [("on", s) for s in range(5)] if figure == "steps" else [("off", 0), ("on", 1)]
     return [(c, o, a, s) for c in figure_cells(figure, scale) for o in optimizers for a in arms for s in SEEDS]
 
@@ -102,8 +110,7 @@ def describe(figure: str, scale: str, job: list[str]) -> tuple:
     return cell, cfg.optimizer.name, arm, cfg.seed
 
 
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("figure", TRAINING_FIGURES)
+@pytest.mark.parametrize("figure, scale", SWEEPS)
 def test_the_sweep_runs_the_figure(figure, scale):
     jobs = sweep_jobs(figure, scale)
     expected = expected_jobs(figure, scale)
@@ -127,7 +134,7 @@ def test_the_sweep_runs_the_figure(figure, scale):
 def pairs_to_compose(scale: str) -> list[tuple[str, str, str]]:
     """(figure, cell, optimizer): each cell with each optimizer any figure runs it with, once."""
     seen = {}
-    for figure in TRAINING_FIGURES:
+    for figure in (figure for figure, at in SWEEPS if at == scale):
         for cell, optimizer, _, _ in expected_jobs(figure, scale):
             seen.setdefault((cell, optimizer), figure)
     return [(figure, cell, optimizer) for (cell, optimizer), figure in seen.items()]
@@ -146,6 +153,13 @@ def test_every_cell_composes_to_the_protocol_with_every_optimizer(scale):
         if scale == "quick":  # minutes on a CPU: few epochs, each cut short (the VAE's 4,000 digits are short)
             assert trainer["epochs"] <= 10, where
             assert trainer["limit_train_batches"] is not None or cell == "quick/mnist_vae", where
+            assert resolved["paper_epochs"] == (50 if cell == "quick/mnist_vae" else 200), where
+            continue
+        if scale == "converged":  # the CIFAR protocol's optimizer settings, a whole 20-epoch schedule
+            assert opt["lr"] == (0.1 if optimizer == "sgdm" else 1e-3), where
+            assert opt["weight_decay"] == (1e-2 if optimizer == "adamw" else 5e-4), where
+            assert (trainer["epochs"], resolved["scheduler"]["milestones"]) == (20, [15]), where
+            assert trainer["limit_train_batches"] is None and trainer["limit_val_batches"] is None, where
             continue
         if cell.startswith("paper/cifar"):
             assert opt["lr"] == (0.1 if optimizer == "sgdm" else 1e-3), where
@@ -167,14 +181,14 @@ def test_every_cell_composes_to_the_protocol_with_every_optimizer(scale):
             assert resolved["data"]["batch_size"] == 128 and (optimizer == "sgdm" or opt["lr"] == 1e-3), where
 
 
-@pytest.mark.parametrize("figure", TRAINING_FIGURES)
-def test_the_first_job_trains_at_quick_scale(figure, train_run):
-    first = sweep_jobs(figure, "quick")[0]
-    run_dir = train_run(f"experiment={figure}", "scale=quick", *first)
+@pytest.mark.parametrize("figure, scale", [(figure, scale) for figure, scale in SWEEPS if scale != "paper"])
+def test_the_first_job_trains_on_this_cpu(figure, scale, train_run):
+    first = sweep_jobs(figure, scale)[0]
+    run_dir = train_run(f"experiment={figure}", f"scale={scale}", *first)
     summary = json.loads((run_dir / "summary.json").read_text())
-    cell, optimizer, (xgrad, steps), seed = expected_jobs(figure, "quick")[0]
+    cell, optimizer, (xgrad, steps), seed = expected_jobs(figure, scale)[0]
     assert summary["status"] == "completed" and summary["epochs"] == 1
-    assert (summary["experiment"], summary["scale"]) == (figure, "quick")
+    assert (summary["experiment"], summary["scale"]) == (figure, scale)
     assert (summary["data"], summary["model"]) == CELLS[cell]
     assert (summary["optimizer"], summary["xgrad"], summary["steps"]) == (optimizer, xgrad == "on", steps)
     assert summary["seed"] == seed
@@ -203,6 +217,18 @@ def test_the_first_job_trains_at_paper_scale_on_cifar_files(figure, train_run, t
     assert (summary["data"], summary["model"], summary["scale"]) == (data, model, "paper")
     assert (summary["optimizer"], summary["xgrad"], summary["steps"], summary["seed"]) == (
         optimizer, xgrad == "on", steps, seed)  # fmt: skip
+
+
+def test_a_figure_without_cells_at_a_scale_is_refused_in_one_line(capsys):
+    """cifar100 at quick scale would repeat cifar10's Fashion-MNIST cells: refused before any job."""
+    from xgrad.callbacks import require_cells
+
+    require_cells(compose_job("cifar10", "quick", [], hydra=True))  # has cells: nothing happens
+    with pytest.raises(SystemExit) as refused:
+        require_cells(compose_job("cifar100", "quick", [], hydra=True))
+    assert refused.value.code == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "experiment=cifar100 has no cells at scale=quick (it has: paper)" in message
 
 
 def test_the_translation_cell_asks_for_wmt16(train_run, tmp_path):

@@ -1,6 +1,7 @@
 """Hydra callbacks of the paper-figure sweeps (registered by conf/sweep/figure.yaml).
 
-- :class:`SweepReports` writes a figure's table and plots when its sweep ends.
+- :class:`SweepReports` refuses a figure at a scale it has no cells for, and
+  writes the figure's table and plots when its sweep ends.
 - :class:`OneGpuPerProcess` spreads the worker processes of a parallel launcher
   over the GPUs of one machine, one GPU each.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import logging
+import sys
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,6 +19,29 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+
+def require_cells(config: DictConfig) -> None:
+    """Exit with one line when the figure lists no cells at the chosen scale.
+
+    A figure names its cells per scale (``cells.<scale>``); ``null`` there means
+    the scale has none, with the reason beside it in the experiment file (at
+    quick scale, ``cifar100`` would only repeat ``cifar10``'s Fashion-MNIST
+    cells). Without this check the sweeper fails on ``${cells.${scale}}`` with a
+    page of OmegaConf internals. It exits rather than raises: Hydra turns an
+    exception in a callback into a warning and goes on.
+    """
+    cells, scale = config.get("cells"), config.get("scale")
+    if cells is None or scale is None or cells.get(scale) is not None:
+        return
+    experiment = config.hydra.runtime.choices.get("experiment")
+    known = ", ".join(name for name, listed in cells.items() if listed is not None)
+    print(
+        f"error: experiment={experiment} has no cells at scale={scale} (it has: {known}); "
+        f"experiments/{experiment}.yaml says why under cells.{scale}",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
 
 
 class SweepReports(Callback):
@@ -42,6 +67,7 @@ class SweepReports(Callback):
         self._pending: tuple[str, str, str | None] | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        require_cells(config)
         self._pending = _describe(config)
         atexit.register(self._write_pending)
 
