@@ -116,7 +116,7 @@ class WeightPredictor:
         self._scratch: dict[tuple, Tensor] = {}  # one chunk's √v on the CPU, per (device, dtype)
         self._changed: list[Tensor] | None = None  # parameters overwritten by predict()
         self._last_update: dict[Tensor, Tensor] = {}
-        self._lr_used: list[float] = []
+        self._lr_used: list[float | Tensor] = []  # per group, for the last-update record
         self._hooks = [optimizer.register_step_pre_hook(self._before_step)]
         if self._records_updates:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
