@@ -214,7 +214,7 @@ def test_checkpoint_round_trip_restores_every_generator(tmp_path):
     import torch
 
     path = tmp_path / "rng.pt"
-    checkpoint.save({"rng": checkpoint.rng_state()}, path)
+    checkpoint.save({**dict.fromkeys(checkpoint.REQUIRED), "rng": checkpoint.rng_state()}, path)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.random(), np.random.rand(), torch.rand(3)  # move every generator on
     checkpoint.set_rng_state(checkpoint.load(path)["rng"])

@@ -1,44 +1,78 @@
 """Checkpoint files: written atomically, read back safely, with every RNG the run draws from.
 
 A run directory holds one ``checkpoints/last.pt``, rewritten at the end of each
-epoch. It is written to a temporary file in the same folder and renamed over
-the old one (``os.replace`` is atomic on POSIX), so a process killed at any
-moment leaves either the previous complete checkpoint or the new one, never
-half a file. Contents are plain containers and tensors, so loading uses
-``torch.load(weights_only=True)``.
+epoch and, mid-epoch, when the run is stopped by a signal or every
+``trainer.checkpoint_every_n_steps`` steps. It is replaced in one rename
+(:mod:`xgrad.atomic`), so a process killed at any moment leaves either the
+previous complete checkpoint or the new one, never half a file; a write that
+fails (a full disk, no permission) is one line naming the path, and the previous
+checkpoint stays as it was. Contents are plain containers and tensors, so
+loading uses ``torch.load(weights_only=True)``; a file that does not load that
+way, or lacks what a checkpoint holds, is refused in one line naming it.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from xgrad import atomic
+
+#: what every checkpoint of the engine holds (xgrad.engine.Engine.save)
+REQUIRED = ("model", "optimizer", "scaler", "rng", "epoch", "step", "history", "elapsed_s")
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint file that cannot be resumed from; the message names it and what to do, in one line."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(
+            f"{path} cannot be resumed from ({why}); move it away (mv {path} {path}.bad) to train this run "
+            "from its start, or pass a new hydra.run.dir"
+        )
+        self.path = path
+
 
 def save(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp makes private files; a checkpoint is as shareable as the results
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``state`` to ``path`` atomically; :class:`xgrad.atomic.WriteFailed` when it cannot be written."""
+    atomic.replace(path, lambda f: torch.save(state, f))
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save` onto the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint written by :func:`save` onto the CPU, or refuse it (:class:`UnreadableCheckpoint`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise UnreadableCheckpoint(path, error.strerror or str(error)) from None
+    except Exception as error:  # noqa: BLE001 -- whatever torch says about a damaged file, it is one refusal
+        raise UnreadableCheckpoint(path, _why(error)) from None
+    if not isinstance(state, dict):
+        raise UnreadableCheckpoint(path, f"it holds a {type(state).__name__}, not a checkpoint's dict")
+    if missing := [key for key in REQUIRED if key not in state]:
+        raise UnreadableCheckpoint(path, f"no {', '.join(missing)} in it")
+    return state
+
+
+def _why(error: Exception) -> str:
+    """One line for a failed ``torch.load``. torch's own messages run to many lines and, for a file that
+    names arbitrary objects, advise loading it with ``weights_only=False``, which would run its code."""
+    text = str(error)
+    if isinstance(error, EOFError) or "Ran out of input" in text:
+        return "the file is empty or cut short"
+    if "PytorchStreamReader failed" in text:
+        return "the file is damaged or cut short: not a complete zip archive"
+    if "Weights only load failed" in text:
+        named = re.search(r"unsupported GLOBAL (\S+)", text)
+        if named:
+            return f"it names {named.group(1)}, which a checkpoint never holds; not loaded, as loading it runs code"
+        return "the file is damaged: not tensors and plain containers"
+    first = re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0] if text.strip() else ""
+    return f"not a checkpoint file ({type(error).__name__}{': ' + first if first else ''})"
 
 
 def rng_state() -> dict[str, Any]:

@@ -11,7 +11,10 @@ original distribution) unpack under ``root``:
 
 The loader checks that the files are there and that the arrays have these
 shapes and label ranges, not the files' checksums, so small folders in the
-same format (the tests') go through exactly the same code.
+same format (the tests') go through exactly the same code. The files are
+unpickled by :class:`BatchUnpickler`, which builds nothing but the dicts,
+lists, bytes, numbers and numpy arrays the format has: ``pickle.load`` would
+run whatever code a file planted under ``data.root`` names.
 
 Splits: the first 45,000 training images train and the last ``val_size``
 (5,000) validate; the 10,000 test images are the test split. (The optimizer
@@ -79,10 +82,37 @@ def _variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch file and refuses any other object.
+
+    Containers, bytes and numbers need no lookup; the only globals a batch file
+    names are numpy's array reconstructors (as numpy 1 and numpy 2 spell them)
+    and ``_codecs.encode``, with which Python 3 writes bytes under protocol 2.
+    """
+
+    ALLOWED = frozenset({
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    })  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch file never holds")
+        return super().find_class(module, name)
+
+
 def read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch file as ``(images uint8 [N, 3, 32, 32], labels int64 [N])``, shapes checked."""
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        try:
+            batch = BatchUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path} is not a CIFAR batch file: {error or type(error).__name__}") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f"{path}: expected a dict with keys b'data' and {label_key!r}, found {found}")
