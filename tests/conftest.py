@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -62,8 +62,9 @@ def train_run(tmp_path):
 
     Each call gets a fresh directory under ``tmp_path`` unless the overrides pass
     ``hydra.run.dir=...`` (as on the command line; the same directory twice
-    resumes the run). The directory holds ``.hydra/config.yaml``,
-    ``metrics.jsonl``, ``summary.json`` and ``checkpoints/last.pt``.
+    resumes the run). The directory holds ``.hydra/config.yaml`` (which the run
+    writes itself once its start is accepted: ``hydra.output_subdir`` is null),
+    ``run.json``, ``metrics.jsonl``, ``summary.json`` and ``checkpoints/last.pt``.
     """
     from xgrad.train import run
 
@@ -74,12 +75,12 @@ def train_run(tmp_path):
         cfg = compose_config(f"hydra.run.dir={default_dir}", *overrides, return_hydra_config=True)
         run_dir = Path(cfg.hydra.run.dir)
         # What `python -m xgrad.train` provides: Hydra's runtime config (group
-        # choices such as the experiment's name) and the composed config on disk.
+        # choices such as the experiment's name, the output directory).
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             del cfg["hydra"]
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
         try:
             run(cfg, run_dir=run_dir)
         finally:

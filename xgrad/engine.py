@@ -25,6 +25,16 @@ interrupted epoch exactly and ends with the same metrics. The test split is
 evaluated every epoch so that the summary can report it at the epoch the
 validation split selects (never the other way round) without keeping a
 second copy of the weights.
+
+Mid-epoch checkpoints (on a stop signal, xgrad/preemption.py, and every
+``checkpoint_every_n_steps`` steps) add the epoch's position: the batches done,
+the running loss sums, the time spent and the task's carried state (a language
+model's hidden state). A run resumed from one draws the epoch's batches again
+from the same ``(seed, epoch)`` generator and discards those already trained
+on, so the data order and the augmentation drawn per batch are those of the
+uninterrupted run, and trains on from the next batch: no step is repeated.
+Evaluation draws from no global generator, so an evaluation that a signal
+cut short is simply run again.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -45,6 +56,7 @@ from torch import nn
 
 from xgrad import checkpoint
 from xgrad.loggers import RunLogger
+from xgrad.preemption import Interrupted, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +77,7 @@ class Settings:
     channels_last: bool = False
     log_every_n_steps: int = 10
     progress: bool = True
+    checkpoint_every_n_steps: int | None = None  # also checkpoint mid-epoch every this many steps
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -80,13 +93,19 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
     return batch
 
 
+class _EvaluationStopped(Exception):
+    """A stop signal arrived during an evaluation pass (raised from its batches, caught by the engine)."""
+
+
 class Engine:
     """Trains ``model`` on ``data`` for ``task`` into ``run_dir``; see the module docstring.
 
     ``forward`` is what runs the batches: the model itself, or its
     ``torch.compile`` wrapper (``model`` is kept for plain state dicts).
     ``checkpoint_extra`` is stored in every checkpoint as is (the entry point
-    keeps the config and the W&B id there).
+    keeps the config and the W&B id there). ``stop`` is read after every step:
+    when it holds a signal, the engine checkpoints and raises
+    :class:`xgrad.preemption.Interrupted` (None: never stops early).
     """
 
     def __init__(
@@ -105,17 +124,21 @@ class Engine:
         run_dir: Path,
         logger: RunLogger,
         checkpoint_extra: dict[str, Any],
+        stop: StopSignals | None = None,
     ):
         self.model, self.forward, self.task, self.data = model, forward, task, data
         self.optimizer, self.predictor, self.scheduler = optimizer, predictor, scheduler
         self.device, self.settings, self.seed = device, settings, seed
         self.run_dir, self.logger, self.checkpoint_extra = run_dir, logger, checkpoint_extra
+        self.stop = stop if stop is not None else StopSignals()  # a StopSignals not entered never requests a stop
         self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "16")
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.elapsed_s = 0.0  # wall time of earlier sessions of this run (resume)
+        self.position: dict[str, Any] | None = None  # where in its epoch a mid-epoch checkpoint was taken
+        self._started = time.perf_counter()
 
     # ------------------------------------------------------------------ state
 
@@ -129,9 +152,11 @@ class Engine:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.history, self.elapsed_s = state["step"], state["history"], state["elapsed_s"]
+        self.position = state.get("position")  # absent from checkpoints written before mid-epoch ones existed
         checkpoint.set_rng_state(state["rng"])
 
-    def save(self, elapsed_s: float) -> None:
+    def save(self, elapsed_s: float, position: dict[str, Any] | None = None) -> None:
+        """Write ``checkpoints/last.pt``: at an epoch end (no position) or mid-epoch (where in the epoch)."""
         checkpoint.save(
             {
                 "model": self.model.state_dict(),
@@ -144,6 +169,7 @@ class Engine:
                 "step": self.step,
                 "history": self.history,
                 "elapsed_s": elapsed_s,
+                "position": position,
                 **self.checkpoint_extra,
             },
             self.checkpoint_path,
@@ -154,35 +180,44 @@ class Engine:
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs and return the summary.
 
-        Any exception leaves ``summary.json`` with ``status: failed`` and the
-        reason, and is re-raised.
+        A stop signal leaves a checkpoint, ``summary.json`` with ``status:
+        interrupted`` and raises :class:`Interrupted`; any other exception
+        leaves ``status: failed`` and the reason, and is re-raised.
         """
-        started = time.perf_counter()
-
-        def wall() -> float:
-            return self.elapsed_s + time.perf_counter() - started
-
+        self._started = time.perf_counter()
         self.logger.start(self.history)
         try:
             for epoch in range(len(self.history), self.settings.epochs):
                 self._epoch(epoch)
-                self.save(wall())
+                self.save(self._wall())
                 reason = f"stopped after epoch {epoch + 1} of {self.settings.epochs}"
-                self.logger.write_summary(self.history, status="running", wall_time_s=wall(), reason=reason)
+                self.logger.write_summary(self.history, status="running", wall_time_s=self._wall(), reason=reason)
+        except Interrupted as stopped:
+            self.logger.write_summary(self.history, status="interrupted", wall_time_s=self._wall(), reason=str(stopped))
+            raise
         except BaseException as error:
             reason = str(error) if isinstance(error, TrainingFailed) else f"{type(error).__name__}: {error}"
-            self.logger.write_summary(self.history, status="failed", wall_time_s=wall(), reason=reason)
+            with contextlib.suppress(Exception):  # the original error matters more than a summary that cannot be written
+                self.logger.write_summary(self.history, status="failed", wall_time_s=self._wall(), reason=reason)
             raise
-        return self.logger.write_summary(self.history, status="completed", wall_time_s=wall())
+        return self.logger.write_summary(self.history, status="completed", wall_time_s=self._wall())
+
+    def _wall(self) -> float:
+        """Wall time of the whole run: earlier sessions and this one."""
+        return self.elapsed_s + time.perf_counter() - self._started
 
     def _epoch(self, epoch: int) -> None:
         """One epoch of training, then validation, test and the scheduler step; appends to ``history``."""
         started = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch's updates use
-        train_loss, samples = self._train(epoch)
-        train_s = time.perf_counter() - started
-        metrics = self._evaluate(self.data.val_batches())
-        test = self._evaluate(self.data.test_batches())
+        trained = self._train(epoch)
+        train_s = trained["train_s"]
+        try:
+            metrics = self._evaluate(self.data.val_batches())
+            test = self._evaluate(self.data.test_batches())
+        except _EvaluationStopped:
+            self.save(self._wall(), position=trained)  # every batch trained: the rerun evaluates, then goes on
+            raise self.stop.interrupted(f"while evaluating epoch {epoch + 1}") from None
         files = {}
         if hasattr(self.task, "on_evaluated"):
             with torch.no_grad():
@@ -194,32 +229,65 @@ class Engine:
                 "epoch": epoch + 1,
                 "step": self.step,
                 "lr": lr,
-                "train/loss": train_loss,
+                "train/loss": trained["loss_sum"] / max(trained["samples"], 1),
                 **{f"val/{k}": v for k, v in metrics.items()},
                 **{f"test/{k}": v for k, v in test.items()},
-                "time/epoch_s": time.perf_counter() - started,
-                "time/samples_per_s": samples / train_s,
+                "time/epoch_s": time.perf_counter() - started + trained["earlier_s"],
+                "time/samples_per_s": trained["samples"] / train_s,
             }
         )
         self.logger.log_epoch(self.history, files)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in self.history[-1].items() if k.startswith(("train/", "val/", "test/")))
         log.info("epoch %d/%d: %s", epoch + 1, self.settings.epochs, shown)
 
-    def _train(self, epoch: int) -> tuple[float, int]:
-        """One pass over the training batches; the sample-weighted mean loss and the sample count."""
+    def _train(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training batches, from a mid-epoch checkpoint's position when there is one.
+
+        Returns the epoch's position at its end: ``batch`` (batches done),
+        ``loss_sum`` and ``samples`` (for the sample-weighted mean loss),
+        ``train_s`` (training time, earlier sessions included), ``earlier_s``
+        (the epoch's time in earlier sessions) and ``task`` (its carried state).
+        """
         self.forward.train()
         self.task.start_epoch(self.forward, training=True)
         total = self.data.num_train_batches()
         if self.settings.limit_train_batches is not None:
             total = min(total, self.settings.limit_train_batches)
         batches = islice(self.data.train_batches(epoch, self.seed), total)
-        loss_sum, samples = 0.0, 0
-        with self._progress(f"epoch {epoch + 1}/{self.settings.epochs}", total) as advance:
+        start = self.position if self.position is not None and self.position["epoch"] == epoch else None
+        self.position = None
+        position = {"epoch": epoch, "batch": 0, "loss_sum": 0.0, "samples": 0, "train_s": 0.0, "earlier_s": 0.0}
+        if start is not None:
+            deque(islice(batches, start["batch"]), maxlen=0)  # drawn as before (same order and augmentation), not trained
+            position |= {k: start[k] for k in ("batch", "loss_sum", "samples", "train_s")}
+            position["earlier_s"] = start["train_s"]
+            if start.get("task") is not None:
+                self.task.load_state_dict(to_device(start["task"], self.device))
+            log.info("resuming epoch %d at batch %d of %d", epoch + 1, start["batch"] + 1, total)
+        started, earlier = time.perf_counter(), position["train_s"]
+        every = self.settings.checkpoint_every_n_steps
+
+        def now() -> dict[str, Any]:
+            carried = self.task.state_dict() if hasattr(self.task, "state_dict") else None
+            return position | {"train_s": earlier + time.perf_counter() - started, "task": carried}
+
+        description = f"epoch {epoch + 1}/{self.settings.epochs}"
+        with self._progress(description, total, completed=position["batch"]) as advance:
+            if self.stop.requested is not None:  # a signal before the epoch's first step
+                self.save(self._wall(), position=now())
+                raise self.stop.interrupted(f"before batch {position['batch'] + 1} of epoch {epoch + 1}")
             for batch in batches:
                 loss, n = self._step(to_device(batch, self.device, self.settings.channels_last), epoch)
-                loss_sum, samples = loss_sum + loss * n, samples + n
+                position["batch"] += 1
+                position["loss_sum"] += loss * n
+                position["samples"] += n
                 advance(loss, n)
-        return loss_sum / max(samples, 1), samples
+                if self.stop.requested is not None:
+                    self.save(self._wall(), position=now())
+                    raise self.stop.interrupted(f"after batch {position['batch']} of {total} in epoch {epoch + 1}")
+                if every is not None and self.step % every == 0 and position["batch"] < total:
+                    self.save(self._wall(), position=now())
+        return now()
 
     def _step(self, batch: Any, epoch: int) -> tuple[float, int]:
         """One optimizer step with the gradient taken at the predicted weights; returns (loss, samples)."""
@@ -247,19 +315,28 @@ class Engine:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
-        """The task's metrics over (at most ``limit_val_batches`` of) ``batches``, in eval mode."""
+        """The task's metrics over (at most ``limit_val_batches`` of) ``batches``, in eval mode.
+
+        A stop signal ends the pass at the next batch (:class:`_EvaluationStopped`).
+        """
         self.forward.eval()
         self.task.start_epoch(self.forward, training=False)
         limit = self.settings.limit_val_batches
-        on_device = (to_device(b, self.device, self.settings.channels_last) for b in islice(batches, limit))
+        on_device = (to_device(b, self.device, self.settings.channels_last) for b in self._stoppable(islice(batches, limit)))
         with torch.no_grad(), self._autocast():
             metrics = self.task.evaluate(self.forward, on_device)
         if self.task.metric not in metrics:
             raise KeyError(f"{type(self.task).__name__}.evaluate returned {sorted(metrics)}, no '{self.task.metric}'")
         return metrics
 
+    def _stoppable(self, batches: Iterable[Any]) -> Iterator[Any]:
+        for batch in batches:
+            if self.stop.requested is not None:
+                raise _EvaluationStopped
+            yield batch
+
     @contextlib.contextmanager
-    def _progress(self, description: str, total: int) -> Iterator:
+    def _progress(self, description: str, total: int, completed: int = 0) -> Iterator:
         """A rich progress bar for one epoch; yields ``advance(loss, samples)``."""
         columns = (
             TextColumn("{task.description}"),
@@ -270,7 +347,7 @@ class Engine:
             TimeElapsedColumn(),
         )
         with Progress(*columns, disable=not self.settings.progress) as progress:
-            bar = progress.add_task(description, total=total, loss=float("nan"), rate=0.0)
+            bar = progress.add_task(description, total=total, completed=completed, loss=float("nan"), rate=0.0)
             started, seen = time.perf_counter(), 0
 
             def advance(loss: float, samples: int) -> None:

@@ -6,20 +6,25 @@ Local files in the run directory (DESIGN.md, "What a run leaves behind"):
   ``lr``, ``train/loss``, ``val/<metric>`` ..., ``test/<metric>`` ..., and
   timing fields under ``time/``);
 - ``summary.json``: what a table needs, rewritten at every epoch end
-  (``status: running``) and when the run ends (``completed`` or ``failed`` with
-  a ``reason``). Keys: ``task model data data_variant data_sizes optimizer
-  scheduler xgrad steps seed experiment scale paper_epochs hardware metric mode
-  best best_epoch final test test_best test_final test/<name>... epochs
-  wall_time_s status reason`` plus ``wandb_group wandb_job_type wandb_run_id``
-  when W&B is on (:meth:`RunLogger.write_summary` says which epoch each is from).
+  (``status: running``) and when the run ends: ``completed``; ``failed`` with a
+  ``reason``; ``interrupted`` (stopped by a signal after writing a checkpoint
+  that the same command continues from) with a ``reason``. Keys: ``task model
+  data data_variant data_sizes optimizer scheduler xgrad steps seed experiment
+  scale paper_epochs hardware metric mode best best_epoch final test test_best
+  test_final test/<name>... epochs wall_time_s status reason`` plus
+  ``wandb_group wandb_job_type wandb_run_id`` when W&B is on
+  (:meth:`RunLogger.write_summary` says which epoch each is from).
 
-Both are replaced atomically, so a killed process never leaves half a line
-that a table would read.
+Both are replaced atomically (:mod:`xgrad.atomic`), so a killed process never
+leaves half a line that a table would read.
 
 W&B: one run per training run, ``group = <data>-<model>-<optimizer>-seed<seed>``
 (the baseline and every ``s`` of one setting side by side), ``job_type =
-baseline | xgrad``, offline when no API key is found, resumed under the same
-id when the training run resumes.
+baseline | xgrad``, resumed under the same id when the training run resumes.
+W&B can never take a training run down (:class:`WandbRun`): it never prompts,
+never waits longer than ``logger.init_timeout``, falls back to an offline run
+that ``wandb sync`` uploads later, and a failure after the start is logged once
+and ends W&B logging, not training.
 """
 
 from __future__ import annotations
@@ -30,22 +35,25 @@ import math
 import netrc
 import os
 import secrets
+import socket
 import string
-import tempfile
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from xgrad import atomic
+
 log = logging.getLogger(__name__)
+
+#: the longest wait, in seconds, for a TCP connection to the W&B server before a run goes offline
+REACH_TIMEOUT_S = 5.0
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one rename (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp makes private files; results are for everyone to read
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def _finite(value: Any) -> bool:
@@ -58,15 +66,64 @@ def _json_value(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def api_key_available() -> bool:
-    """True when W&B can authenticate: ``WANDB_API_KEY`` or a netrc entry for the W&B host."""
-    if os.environ.get("WANDB_API_KEY"):
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def wandb_base_url() -> str:
+    """The W&B server that ``wandb.init`` talks to (its settings: ``WANDB_BASE_URL``, settings files, default)."""
+    import wandb
+
+    return wandb.setup().settings.base_url
+
+
+def api_key_available(host: str | None = None) -> bool:
+    """True when W&B can authenticate without asking: an API key in the environment or W&B's
+    settings, an identity token file, or a netrc entry for the W&B host (default: :func:`wandb_base_url`'s)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    import wandb
+
+    if wandb.setup().settings.api_key:
+        return True
+    host = host or urlparse(wandb_base_url()).hostname
     try:
         return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
+    except (OSError, netrc.NetrcParseError):
         return False
+
+
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why no TCP connection to ``url``'s server (or its proxy) opens within ``timeout`` s; None when one does.
+
+    W&B retries an unreachable server until its init timeout runs out; on a
+    compute node without network this answers in milliseconds (the name does
+    not resolve) instead. The connection is tried in a thread so that a
+    resolver that hangs cannot hold the run past ``timeout`` either.
+    """
+    parts = urlparse(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        proxy_parts = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname, proxy_parts.port or 80
+    outcome: list[OSError | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(error)
+
+    probe = threading.Thread(target=connect, name="wandb-reachable", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if not outcome:
+        return f"no connection to {host}:{port} within {timeout:g} s"
+    error = outcome[0]
+    return None if error is None else f"cannot reach {host}:{port} ({error.strerror or error})"
 
 
 def new_run_id() -> str:
@@ -85,29 +142,38 @@ def wandb_mode(configured: str | None) -> str:
 
 
 def write_refusal(run_dir: Path, identity: dict[str, Any], reason: str) -> None:
-    """A ``failed`` summary.json for a sweep job refused before it started (a bad value, missing data).
+    """A ``failed`` summary.json for a sweep job refused before it trained (a bad value, missing data).
 
-    Without it the sweep's table could only say "no summary.json". An existing
-    summary (a finished run this job was not allowed to resume) is left alone.
+    Without it the sweep's table could only say "no summary.json". The caller
+    makes sure the directory holds no run of its own (xgrad/run_dir.py).
     """
-    path = run_dir / "summary.json"
-    if path.exists():
-        return
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {**identity, "best": None, "final": None, "epochs": 0, "status": "failed", "reason": reason}
-    write_atomic(path, json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
+    write_atomic(run_dir / "summary.json", json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
 
 
 class WandbRun:
-    """One W&B run, started at construction; never blocks a run that cannot reach W&B.
+    """One W&B run; nothing it does can stop the training run.
 
-    An online start that fails (no network, a timeout after ``init_timeout``
-    seconds) falls back to an offline run, synced later with ``wandb sync``.
-    Files go to ``<run_dir>/wandb``.
+    :meth:`start` never prompts for a key (online without one means offline),
+    tries online only when the server answers (:func:`unreachable`), and waits
+    at most ``init_timeout`` seconds for W&B to start, to log in and, at the
+    end, to upload. An online start that fails falls back to an offline run
+    under a fresh id (W&B keeps the failed id in use within the process);
+    ``wandb sync <run_dir>/wandb/offline-run-*`` uploads it later. Any W&B call
+    that fails afterwards is logged once, and the run trains on without W&B:
+    ``metrics.jsonl`` and ``summary.json`` hold everything.
     """
 
-    def __init__(
-        self,
+    def __init__(self, run: Any, group: str, job_type: str):
+        self.run, self.group, self.job_type = run, group, job_type
+        self.id = run.id
+        # validation and test curves against epochs; the training loss against optimizer steps
+        self._call("defining its metrics", self._define_metrics)
+
+    @classmethod
+    def start(
+        cls,
         run_dir: Path,
         *,
         project: str,
@@ -120,12 +186,19 @@ class WandbRun:
         tags: list[str],
         config: dict[str, Any],
         run_id: str | None,
-    ):
+    ) -> WandbRun | None:
+        """The W&B run of a training run (files in ``<run_dir>/wandb``), or None when W&B cannot start at all."""
         import wandb
 
-        self._wandb = wandb
-        self.group, self.job_type = group, job_type
         mode = wandb_mode(mode)
+        if mode == "online":
+            url = wandb_base_url()
+            offline_because = (
+                None if api_key_available(urlparse(url).hostname) else f"no W&B API key for {url}"
+            ) or unreachable(url, min(init_timeout, REACH_TIMEOUT_S))
+            if offline_because:
+                log.warning("W&B: %s; logging offline to %s (upload later with `wandb sync`)", offline_because, run_dir / "wandb")
+                mode = "offline"
         init = dict(
             project=project,
             entity=entity,
@@ -134,36 +207,61 @@ class WandbRun:
             name=name,
             tags=tags,
             config=config,
-            id=run_id or new_run_id(),
             resume="allow",  # the same id again (a resumed training run) continues that W&B run
             dir=str(run_dir),
-            settings=wandb.Settings(init_timeout=init_timeout, quiet=True),
+            settings=wandb.Settings(
+                init_timeout=init_timeout, login_timeout=init_timeout, finish_timeout=init_timeout, quiet=True
+            ),
         )
         try:
-            self.run = wandb.init(mode=mode, **init)
-        except Exception as error:  # noqa: BLE001 -- any failure to reach W&B
+            return cls(wandb.init(mode=mode, id=run_id or new_run_id(), **init), group, job_type)
+        except Exception as error:  # noqa: BLE001 -- any failure to start W&B
             if mode != "online":
-                raise
-            log.warning("W&B online start failed (%s); logging offline instead", error)
-            self.run = wandb.init(mode="offline", **init)
-        self.id = self.run.id
-        # validation and test curves against epochs; the training loss against optimizer steps
+                log.warning("W&B could not start (%s); training goes on without it", _one_line(error))
+                return None
+            log.warning("W&B online start failed (%s); logging offline under a new run id instead", _one_line(error))
+        try:
+            return cls(wandb.init(mode="offline", id=new_run_id(), **init), group, job_type)
+        except Exception as error:  # noqa: BLE001
+            log.warning("W&B could not start offline either (%s); training goes on without it", _one_line(error))
+            return None
+
+    def _define_metrics(self) -> None:
         self.run.define_metric("epoch")
         self.run.define_metric("val/*", step_metric="epoch")
         self.run.define_metric("test/*", step_metric="epoch")
         self.run.define_metric("lr", step_metric="epoch")
 
+    def _call(self, doing: str, function: Any, *args: Any, **kwargs: Any) -> None:
+        """``function(*args, **kwargs)`` unless W&B has failed before; the first failure ends W&B logging."""
+        if self.run is None:
+            return
+        try:
+            function(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 -- W&B never stops training
+            log.warning(
+                "W&B failed while %s (%s); training goes on without W&B, the run directory has every result",
+                doing,
+                _one_line(error),
+            )
+            self.run = None
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log(metrics, step=step)
+        self._call("logging", lambda: self.run.log(metrics, step=step))
 
     def log_images(self, files: dict[str, str], step: int) -> None:
-        self.run.log({name: self._wandb.Image(path) for name, path in files.items()}, step=step)
+        import wandb
+
+        self._call("logging images", lambda: self.run.log({k: wandb.Image(v) for k, v in files.items()}, step=step))
 
     def set_summary(self, values: dict[str, Any]) -> None:
-        self.run.summary.update(values)
+        self._call("updating the summary", lambda: self.run.summary.update(values))
 
-    def finish(self, failed: bool) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
+    def finish(self, status: str) -> None:
+        """End the W&B run: ``completed`` exits 0; ``interrupted`` marks it preempted first (it will resume)."""
+        if status == "interrupted":
+            self._call("marking the run preempted", lambda: self.run.mark_preempting())
+        self._call("finishing", lambda: self.run.finish(exit_code=0 if status == "completed" else 1))
 
 
 class RunLogger:
@@ -251,6 +349,7 @@ class RunLogger:
         write_atomic(self.summary_file, json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
         return summary
 
-    def finish(self, failed: bool) -> None:
+    def finish(self, status: str) -> None:
+        """End the W&B run, if any, as the run ended: ``completed``, ``failed`` or ``interrupted``."""
         if self.wandb is not None:
-            self.wandb.finish(failed)
+            self.wandb.finish(status)

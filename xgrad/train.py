@@ -2,24 +2,33 @@
 
 Reads ``conf/config.yaml`` (next to the package), checks the config, builds
 data, model, task, optimizer, predictor and scheduler from it, and hands them
-to :class:`xgrad.engine.Engine`. Everything is checked before training starts;
-a bad value stops the run with one line naming the key and the value and a
-nonzero exit status.
+to :class:`xgrad.engine.Engine`. Everything is checked before training starts:
+the schema (xgrad/schema.py: types, ranges, unknown keys), what no single key
+says (the model consumes the data's modality, the device exists), the run
+directory (xgrad/run_dir.py: nobody else trains in it, it holds no run of
+another config, its checkpoint loads), and whatever the constructors refuse.
+A refusal is one line naming the key and the value, and exit status 2; a run
+that fails while training (a non-finite loss, a file that cannot be written)
+exits 1; a run stopped by a signal writes a checkpoint and exits 128 + the
+signal's number, or lets submitit requeue it (xgrad/preemption.py). Under
+``-m`` a refused or failed job leaves a ``failed`` summary.json with that line,
+Hydra prints the line, and the other jobs run.
 
 Running the same command again with the same ``hydra.run.dir`` resumes from
-``checkpoints/last.pt``. The run must be the same: the composed config is
-stored in the checkpoint and compared, ignoring only the keys that do not
-change what is trained (:data:`RESUME_IGNORES`; a larger ``trainer.epochs``
-trains on).
+``checkpoints/last.pt``, mid-epoch included. The run must be the same: the
+config it was started with is recorded in the run directory and compared,
+ignoring only the keys that do not change what is trained
+(:data:`xgrad.run_dir.RESUME_IGNORES`; a larger ``trainer.epochs`` trains on,
+unless the schedule depends on it).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +36,20 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from xgrad import checkpoint, hardware
+from xgrad import hardware, schema
+from xgrad.atomic import WriteFailed
+from xgrad.checkpoint import UnreadableCheckpoint
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, Settings, TrainingFailed
-from xgrad.loggers import RunLogger, WandbRun, write_refusal
+from xgrad.loggers import RunLogger, WandbRun
+from xgrad.preemption import Interrupted, StopSignals
+from xgrad.run_dir import RunDirectory, RunDirRefused, fingerprint, record_refusal
+from xgrad.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,62 +57,37 @@ log = logging.getLogger(__name__)
 #: whether this module runs as ``python -m xgrad.train`` or is imported and called)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-#: Keys that may differ when a run is resumed: where and how it runs, not what it trains.
-RESUME_IGNORES = (
-    "trainer.epochs",
-    "trainer.device",
-    "trainer.num_threads",
-    "trainer.progress",
-    "trainer.log_every_n_steps",
-    "logger",
-    "data.root",
-)
-PRECISIONS = ("32", "bf16", "16")
+#: what refuses a start before training (exit status 2) ...
+REFUSALS = (ConfigError, RunDirRefused, UnreadableCheckpoint, DatasetMissingError)
+#: ... and what ends a run that was training (exit status 1)
+FAILURES = (TrainingFailed, WriteFailed)
 
 
-class ConfigError(ValueError):
-    """A config value that cannot run; the message names the key and the value."""
+class JobFailed(CompactHydraException):
+    """A sweep job that was refused or failed: Hydra prints this one line (no traceback) and runs the others."""
 
 
 # ---------------------------------------------------------------------- checks
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def validate(cfg: DictConfig) -> None:
-    """Refuse a config that cannot run, before anything is built."""
-    if cfg.model.input != cfg.data.modality:
+    """Refuse a config that cannot run, before anything is built.
+
+    A model that does not consume the data's modality first (its interpolations
+    of the data's keys could not resolve), then the schema, then the device.
+    """
+    model_input, modality = OmegaConf.select(cfg, "model.input"), OmegaConf.select(cfg, "data.modality")
+    if model_input != modality:
         raise ConfigError(
-            f"model={cfg.model.name} takes model.input={cfg.model.input} but "
-            f"data={cfg.data.name} is data.modality={cfg.data.modality}"
+            f"model={OmegaConf.select(cfg, 'model.name')} takes model.input={model_input} but "
+            f"data={OmegaConf.select(cfg, 'data.name')} is data.modality={modality}"
         )
-    if cfg.xgrad.enabled:
-        steps = cfg.xgrad.steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ConfigError(f"xgrad.steps={steps!r}: must be an integer >= 0")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise ConfigError(f"seed={cfg.seed!r}: must be an integer >= 0")
-    trainer = cfg.trainer
-    if not _positive_int(trainer.epochs):
-        raise ConfigError(f"trainer.epochs={trainer.epochs!r}: must be an integer >= 1")
-    for key in ("limit_train_batches", "limit_val_batches"):
-        if trainer[key] is not None and not _positive_int(trainer[key]):
-            raise ConfigError(f"trainer.{key}={trainer[key]!r}: must be null or an integer >= 1")
-    if str(trainer.precision) not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={trainer.precision!r}: must be one of {', '.join(PRECISIONS)}")
-    if trainer.grad_clip is not None and not (isinstance(trainer.grad_clip, (int, float)) and trainer.grad_clip > 0):
-        raise ConfigError(f"trainer.grad_clip={trainer.grad_clip!r}: must be null or a number > 0")
-    if trainer.num_threads is not None and not _positive_int(trainer.num_threads):
-        raise ConfigError(f"trainer.num_threads={trainer.num_threads!r}: must be null or an integer >= 1")
-    if not _positive_int(trainer.log_every_n_steps):
-        raise ConfigError(f"trainer.log_every_n_steps={trainer.log_every_n_steps!r}: must be an integer >= 1")
-    resolve_device(trainer.device)
+    schema.check(cfg)
+    resolve_device(cfg.trainer.device)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is refused."""
+    """``auto`` → cuda when available, else cpu; a CUDA device that is not there is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -109,41 +98,9 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"trainer.device={name!r}: must be auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name!r}: no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"trainer.device={name!r}: there are {torch.cuda.device_count()} CUDA devices")
     return device
-
-
-def fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config minus :data:`RESUME_IGNORES`, flattened to dotted keys."""
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        for key in RESUME_IGNORES:
-            OmegaConf.update(cfg, key, None, force_add=True)  # before resolving: drops interpolated copies too
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in RESUME_IGNORES)}
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): node}
-
-
-def check_resumable(saved: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:
-    """Refuse to resume a checkpoint of another config, or one with more epochs than asked for."""
-    now = fingerprint(cfg)
-    before = saved["config"]
-    changed = [k for k in sorted(now.keys() | before.keys()) if now.get(k, "<absent>") != before.get(k, "<absent>")]
-    if changed:
-        diffs = "; ".join(f"{k}={before.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} now" for k in changed[:5])
-        more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
-        raise ConfigError(
-            f"{run_dir} holds a checkpoint of a different config: {diffs}{more}; "
-            "rerun with the same overrides, or pass a new hydra.run.dir"
-        )
-    if saved["epoch"] > cfg.trainer.epochs:
-        raise ConfigError(
-            f"trainer.epochs={cfg.trainer.epochs}: the checkpoint in {run_dir} already has {saved['epoch']} epochs"
-        )
 
 
 # ---------------------------------------------------------------------- build
@@ -161,17 +118,35 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def build(node: DictConfig, *args: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, letting this project's own errors through unwrapped.
+    """``hydra.utils.instantiate``, with what a constructor refuses turned into one line.
 
     Hydra wraps whatever a constructor raises in an ``InstantiationException``;
-    a missing dataset or a refused config should reach the user as itself.
+    a missing dataset or a refused config reaches the user as itself, and a
+    ``ValueError`` or ``TypeError`` (an argument the class refuses, a key it
+    does not take) as a :class:`ConfigError` naming the class.
     """
     try:
         return instantiate(node, *args, **kwargs)
     except InstantiationException as error:
-        if isinstance(error.__cause__, (DatasetMissingError, ConfigError)):
-            raise error.__cause__ from None
+        cause = error.__cause__
+        if isinstance(cause, (DatasetMissingError, ConfigError)):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(f"{node.get('_target_', 'the config')}: {_one_line(cause)}") from cause
         raise
+
+
+def call(what: str, factory: Callable[..., Any], *args: Any) -> Any:
+    """``factory(*args)`` (a partial that ``build`` made), with a refused argument turned into one line."""
+    try:
+        return factory(*args)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{what}: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def constructor(node: DictConfig) -> DictConfig:
@@ -195,7 +170,7 @@ def build_predictor(cfg: DictConfig, optimizer: torch.optim.Optimizer):
             optimizer, steps=cfg.xgrad.steps, rule=cfg.xgrad.rule, decoupled_decay=cfg.xgrad.decoupled_decay
         )
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"optimizer={cfg.optimizer.name} xgrad.rule={cfg.xgrad.rule}: {error}") from None
+        raise ConfigError(f"optimizer={cfg.optimizer.name} xgrad.rule={cfg.xgrad.rule}: {_one_line(error)}") from None
 
 
 def experiment_name() -> str | None:
@@ -246,12 +221,12 @@ def describe(cfg: DictConfig, task: Any, data: Any, device: torch.device) -> dic
     }
 
 
-def start_wandb(cfg: DictConfig, run_dir: Path, identity: dict[str, Any], run_id: str | None) -> WandbRun:
+def start_wandb(cfg: DictConfig, run_dir: Path, identity: dict[str, Any], run_id: str | None) -> WandbRun | None:
     """The W&B run of this training run: paired by group, told apart by job_type and the ``s`` tag."""
     steps = identity["steps"]
     group = f"{cfg.data.name}-{cfg.model.name}-{cfg.optimizer.name}-seed{cfg.seed}"
     job_type = "xgrad" if steps > 0 else "baseline"
-    return WandbRun(
+    return WandbRun.start(
         run_dir,
         project=cfg.logger.project,
         entity=cfg.logger.entity,
@@ -276,67 +251,79 @@ def settings(trainer: DictConfig) -> Settings:
         channels_last=trainer.channels_last,
         log_every_n_steps=trainer.log_every_n_steps,
         progress=trainer.progress,
+        checkpoint_every_n_steps=trainer.checkpoint_every_n_steps,
     )
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one composed config into ``run_dir`` (default: Hydra's output dir); return the summary.
 
-    Order matters: the config is checked, then a checkpoint in ``run_dir`` is
-    checked against it, then the data is loaded; only then does anything get
-    written, so a refused run leaves no files behind.
+    Order matters: the config is checked, then the run directory is locked and
+    its record and checkpoint are checked against the config, then everything
+    is built; only then is anything written (but the lock file), so a refused
+    start leaves the directory as it was. The lock is held until the run ends.
     """
     validate(cfg)
     run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
-    checkpoint_path = run_dir / "checkpoints" / "last.pt"
-    saved = checkpoint.load(checkpoint_path) if checkpoint_path.is_file() else None
-    if saved is not None:
-        check_resumable(saved, cfg, run_dir)
-
     trainer = cfg.trainer
     device = resolve_device(trainer.device)
-    if trainer.num_threads is not None:
-        torch.set_num_threads(trainer.num_threads)
-    seed_everything(cfg.seed, trainer.deterministic)
-    data = build(cfg.data.module)
-    model = build(cfg.model.net).to(device)
-    if trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    task = build(cfg.model.task, data)
-    # optimizer and scheduler nodes are partial (`_partial_: true`): called here with what they act on
-    optimizer = build(constructor(cfg.optimizer), _convert_="all")(model.parameters())
-    predictor = build_predictor(cfg, optimizer)
-    scheduler = build(constructor(cfg.scheduler), _convert_="all")(optimizer) if "_target_" in cfg.scheduler else None
+    with RunDirectory(run_dir) as directory:
+        saved = directory.load_checkpoint()
+        if (done := directory.check(cfg, saved)) is not None:
+            log.info("%s has completed its %s epochs: nothing to train", run_dir, done["epochs"])
+            return done
+        if trainer.num_threads is not None:
+            torch.set_num_threads(trainer.num_threads)
+        seed_everything(cfg.seed, trainer.deterministic)
+        data = build(cfg.data.module)
+        model = build(cfg.model.net).to(device)
+        if trainer.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        task = build(cfg.model.task, data)
+        # optimizer and scheduler nodes are partial (`_partial_: true`): called here with what they act on
+        optimizer = call(f"optimizer={cfg.optimizer.name}", build(constructor(cfg.optimizer), _convert_="all"),
+                         model.parameters())  # fmt: skip
+        predictor = build_predictor(cfg, optimizer)
+        scheduler = None
+        if "_target_" in cfg.scheduler:
+            scheduler = call(f"scheduler={cfg.scheduler.name}", build(constructor(cfg.scheduler), _convert_="all"),
+                             optimizer)  # fmt: skip
+        identity = describe(cfg, task, data, device)
 
-    identity = describe(cfg, task, data, device)
-    wandb_run = None
-    if cfg.logger.name == "wandb":
-        wandb_run = start_wandb(cfg, run_dir, identity, saved["wandb_id"] if saved else None)
-    logger = RunLogger(run_dir, identity, wandb_run)
-    try:
-        engine = Engine(
-            model=model,
-            forward=torch.compile(model) if trainer.compile else model,
-            task=task,
-            data=data,
-            optimizer=optimizer,
-            predictor=predictor,
-            scheduler=scheduler,
-            device=device,
-            settings=settings(trainer),
-            seed=cfg.seed,
-            run_dir=run_dir,
-            logger=logger,
-            checkpoint_extra={"config": fingerprint(cfg), "wandb_id": wandb_run.id if wandb_run else None},
-        )
-        if saved is not None:
-            engine.load(saved)
-            log.info("resuming %s after epoch %d", run_dir, saved["epoch"])
-        summary = engine.fit()
-    except BaseException:
-        logger.finish(failed=True)
-        raise
-    logger.finish(failed=False)
+        directory.accept(cfg)
+        wandb_run = None
+        if cfg.logger.name == "wandb":
+            wandb_run = start_wandb(cfg, run_dir, identity, saved["wandb_id"] if saved else None)
+        logger = RunLogger(run_dir, identity, wandb_run)
+        with StopSignals() as stop:
+            try:
+                engine = Engine(
+                    model=model,
+                    forward=torch.compile(model) if trainer.compile else model,
+                    task=task,
+                    data=data,
+                    optimizer=optimizer,
+                    predictor=predictor,
+                    scheduler=scheduler,
+                    device=device,
+                    settings=settings(trainer),
+                    seed=cfg.seed,
+                    run_dir=run_dir,
+                    logger=logger,
+                    checkpoint_extra={"config": fingerprint(cfg), "wandb_id": wandb_run.id if wandb_run else None},
+                    stop=stop,
+                )
+                if saved is not None:
+                    engine.load(saved)
+                    log.info("resuming %s after epoch %d", run_dir, saved["epoch"])
+                summary = engine.fit()
+            except Interrupted:
+                logger.finish("interrupted")
+                raise
+            except BaseException:
+                logger.finish("failed")
+                raise
+        logger.finish("completed")
     best, final = summary["best"], summary["final"]
     log.info("%s: best val/%s %s (epoch %s), final %s", summary["status"], task.metric, best, summary["best_epoch"], final)
     return summary
@@ -344,21 +331,28 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run one job; a bad config, missing data or a diverged run exits nonzero with one line.
+    """Run one job; see the module docstring for what a refusal, a failure and a signal end with.
 
-    Under ``-m`` the error is raised instead, so Hydra finishes the other jobs
-    of the sweep and then exits nonzero; a refused job first leaves a ``failed``
-    summary.json with the reason, for the sweep's table to list.
+    ``HYDRA_FULL_ERROR=1`` shows the whole traceback of a refusal or failure
+    instead of its line, as Hydra does for its own errors.
     """
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return run(cfg)["best"]
-    except (ConfigError, DatasetMissingError, TrainingFailed) as error:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            if not isinstance(error, TrainingFailed):  # a failed training run has written its own summary
-                write_refusal(Path(HydraConfig.get().runtime.output_dir), requested(cfg), f"refused: {error}")
+    except Interrupted as stopped:
+        print(f"interrupted: {stopped}", file=sys.stderr)
+        stopped.hand_over()  # submitit's handler requeues the job and exits; otherwise:
+        raise SystemExit(stopped.exit_code) from None
+    except REFUSALS + FAILURES as error:
+        refused = isinstance(error, REFUSALS)
+        if multirun and refused:  # a failed training run has written its own summary
+            record_refusal(Path(HydraConfig.get().runtime.output_dir), requested(cfg), f"refused: {error}")
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if multirun:
+            raise JobFailed(str(error)) from None
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2 if refused else 1) from None
 
 
 if __name__ == "__main__":

@@ -42,3 +42,10 @@ class Task(Protocol):
 
     def on_evaluated(self, model: nn.Module, run_dir: str, epoch: int) -> dict[str, str]:
         """Optional artefacts after evaluation (a VAE's sample grid): name → file path."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optional, for a task that carries state from one training batch to the next (a language
+        model's hidden state): tensors and plain containers, kept in mid-epoch checkpoints."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Optional: put back what :meth:`state_dict` returned (tensors already on the model's device)."""

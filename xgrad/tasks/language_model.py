@@ -44,6 +44,13 @@ class LanguageModelTask:
         """Forget the carried state: an epoch (and every evaluation) starts from zeros."""
         self._state = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The state carried into the next training window: a mid-epoch checkpoint keeps it."""
+        return {"state": self._state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = state["state"]
+
     def train_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         inputs, targets = batch
         logits, state = model(inputs, self._state)

@@ -1,0 +1,165 @@
+"""Files that fail cleanly: damaged checkpoints refused in one line, writes that fail leaving the last good
+checkpoint, temporary files of killed writes removed, CIFAR pickles read without running their code."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import TEST_OVERRIDES, write_cifar
+from xgrad import atomic, checkpoint
+from xgrad.checkpoint import UnreadableCheckpoint
+from xgrad.run_dir import RunDirRefused
+from xgrad.schema import ConfigError
+
+SMALL = ("data.batch_size=32", "data.eval_batch_size=100")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class Planted:
+    """What a hostile file holds: an object whose unpickling runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def damage(path: Path, how: str, tmp_path: Path) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "random":
+        path.write_bytes(os.urandom(len(data)))
+    elif how == "objects":  # loads only with weights_only=False, which would run the command
+        torch.save({"model": Planted(tmp_path / "ran")}, path)
+    elif how == "not-a-checkpoint":
+        torch.save({"weights": torch.zeros(2)}, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "random", "objects", "not-a-checkpoint"])
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_it(train_run, tmp_path, how):
+    run_dir = tmp_path / "run"
+    train_run(f"hydra.run.dir={run_dir}", "trainer.epochs=1", *SMALL)
+    last = run_dir / "checkpoints" / "last.pt"
+    damage(last, how, tmp_path)
+    before = snapshot(run_dir)
+    with pytest.raises(UnreadableCheckpoint) as refused:
+        train_run(f"hydra.run.dir={run_dir}", "trainer.epochs=2", *SMALL)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{last} cannot be resumed from (")
+    assert f"move it away (mv {last} {last}.bad)" in message and "weights_only=False" not in message
+    assert not (tmp_path / "ran").exists() and snapshot(run_dir) == before
+
+
+def test_the_command_line_refuses_a_damaged_checkpoint_with_exit_status_2(train_run, monkeypatch, capsys, tmp_path):
+    from xgrad.train import main
+
+    run_dir = tmp_path / "run"
+    train_run(f"hydra.run.dir={run_dir}", *SMALL)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 half a zip")
+    monkeypatch.setattr(sys, "argv", ["xgrad.train", *TEST_OVERRIDES, "trainer.epochs=2", *SMALL,
+                                      f"hydra.run.dir={run_dir}"])  # fmt: skip
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        GlobalHydra.instance().clear()
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {run_dir / 'checkpoints' / 'last.pt'} cannot be resumed from (")
+
+
+def test_temporary_files_of_a_killed_write_are_removed_at_start(train_run, tmp_path):
+    run_dir = tmp_path / "run"
+    train_run(f"hydra.run.dir={run_dir}", *SMALL)
+    stale = [run_dir / "checkpoints" / "last.pt.k2j3h4.tmp", run_dir / "summary.json.x8e1q0.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    with pytest.raises(RunDirRefused):  # a refused start (another config) touches nothing, not even these
+        train_run(f"hydra.run.dir={run_dir}", "optimizer.lr=0.5", *SMALL)
+    assert all(path.exists() for path in stale)
+    train_run(f"hydra.run.dir={run_dir}", "trainer.epochs=2", *SMALL)
+    assert not any(path.exists() for path in stale)
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   PermissionError(errno.EACCES, "Permission denied")])  # fmt: skip
+def test_a_checkpoint_that_cannot_be_written_fails_in_one_line_and_keeps_the_last_one(
+    train_run, monkeypatch, tmp_path, error
+):
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.pt"
+    saves, save = [], torch.save
+
+    def failing_save(state, f):  # the second epoch's checkpoint: half written, then the disk refuses
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"half a checkpoint")
+            raise error
+        save(state, f)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(atomic.WriteFailed) as failed:
+        train_run(f"hydra.run.dir={run_dir}", "trainer.epochs=2", *SMALL)
+    assert str(failed.value) == (f"cannot write {last}: {error.strerror} "
+                                 "(the previous version of the file, if any, is intact)")  # fmt: skip
+    assert checkpoint.load(last)["epoch"] == 1  # epoch 1's, whole
+    assert not list(run_dir.rglob("*.tmp"))
+    result = json.loads((run_dir / "summary.json").read_text())
+    assert result["status"] == "failed" and str(last) in result["reason"]
+
+
+def test_a_folder_that_refuses_files_fails_in_one_line(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(atomic.WriteFailed, match=f"^cannot write {tmp_path / 'summary.json'}: Permission denied"):
+        atomic.write_text(tmp_path / "summary.json", "{}")
+
+
+# ---------------------------------------------------------------- CIFAR pickles
+
+
+def test_a_planted_cifar_file_is_refused_without_running_its_code(train_run, tmp_path):
+    root = tmp_path / "data"
+    write_cifar(root, "cifar10", per_file=4)
+    marker = tmp_path / "ran"
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps(Planted(marker), protocol=2))
+    with pytest.raises(ConfigError, match=r"^xgrad.data.cifar.CIFAR: .*data_batch_3 is not a CIFAR batch file: it "
+                                          r"names posix.system, which a CIFAR batch file never holds$"):  # fmt: skip
+        train_run("data=cifar10", f"data.root={root}", "data.module.val_size=4", f"hydra.run.dir={tmp_path / 'run'}")
+    assert not marker.exists()
+
+
+def test_cifar_files_pickled_by_numpy_1_and_numpy_2_both_load(tmp_path):
+    """The original files name numpy.core.multiarray (numpy 1, Python 2); numpy 2 writes numpy._core."""
+    from xgrad.data import cifar
+
+    written = write_cifar(tmp_path, "cifar10", per_file=3)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    numpy1 = path.read_bytes().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    assert numpy1 != path.read_bytes()
+    for data in (path.read_bytes(), numpy1):
+        path.write_bytes(data)
+        images, labels = cifar.read_batch(path, b"labels", 10)
+        assert (images == written["test_batch"][0]).all() and (labels == written["test_batch"][1]).all()
+    assert pickle.load(io.BytesIO(numpy1), encoding="bytes")[b"data"].shape == (3, 3072)

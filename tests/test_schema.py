@@ -1,0 +1,150 @@
+"""The config schema (xgrad/schema.py): every bad value and unknown key refused in one line, before anything runs.
+
+Refusals are checked where a user meets them: the in-process run (nothing
+written), the command line (one line on stderr, exit status 2) and a sweep
+(each refused job's summary.json carries the same line, the others train).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import CONF_DIR, TEST_OVERRIDES
+from xgrad.schema import GROUPS, ConfigError, check
+
+SMALL = ("data.batch_size=32", "data.eval_batch_size=100")
+
+#: the issue's list of values that used to crash (some after a whole epoch) or train as if not given
+BAD_VALUES = [
+    ("optimizer.lr=-1", "optimizer.lr=-1: must be a finite number >= 0"),
+    ("optimizer.lr=nan", "optimizer.lr=nan: must be a finite number >= 0"),
+    ("optimizer.lr=abc", "optimizer.lr='abc': must be a finite number >= 0"),
+    ("optimizer.betas=[2,0.9]", r"optimizer.betas=\[2, 0.9\]: must be two numbers in \[0, 1\)"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1: must be a finite number >= 0"),
+    ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+    ("data.batch_size=-5", "data.batch_size=-5: must be an integer >= 1"),
+    ("data.batch_size=abc", "data.batch_size='abc': must be an integer >= 1"),
+    ("data.eval_batch_size=0", "data.eval_batch_size=0: must be an integer >= 1"),
+    ("trainer.device=null", "trainer.device=None: must be auto, cpu, cuda or cuda:N"),
+    ("trainer.epochs='5'", "trainer.epochs='5': must be an integer >= 1"),
+    ("trainer.checkpoint_every_n_steps=0", "trainer.checkpoint_every_n_steps=0: must be null or an integer >= 1"),
+    ("+foo=1", "foo=1: not a key of the config"),
+    ("+trainer.epoch=2", r"trainer.epoch=2: not a key of trainer \(did you mean trainer.epochs\?\)"),
+    ("logger.init_timeout=0", "logger.init_timeout=0: must be a finite number > 0"),
+]
+MULTISTEP_BAD = [
+    ("scheduler.milestones=1", "scheduler.milestones=1: must be a list of increasing integers >= 1"),
+    ("scheduler.milestones=abc", "scheduler.milestones='abc': must be a list of increasing integers >= 1"),
+    ("scheduler.milestones=[3,2]", r"scheduler.milestones=\[3, 2\]: must be a list of increasing integers >= 1"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [((o,), m) for o, m in BAD_VALUES]
+                         + [(("scheduler=multistep", o), m) for o, m in MULTISTEP_BAD])  # fmt: skip
+def test_a_bad_value_is_refused_in_one_line_before_anything_is_written(train_run, tmp_path, overrides, message):
+    run_dir = tmp_path / "bad"
+    with pytest.raises(ConfigError, match=f"^{message}") as refused:
+        train_run("logger=wandb", *overrides, f"hydra.run.dir={run_dir}")
+    assert "\n" not in str(refused.value)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_every_option_of_every_group_has_its_schema_in_the_config_store(compose_config, group):
+    """A new conf/<group>/<option>.yaml fails here until xgrad/schema.py describes it."""
+    from test_configs import compatible_pairs
+
+    partner = {"data": {d: f"model={m}" for m, d in compatible_pairs()},
+               "model": {m: f"data={d}" for m, d in compatible_pairs()}}.get(group, {})  # fmt: skip
+    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+        cfg = compose_config(f"{group}={option}", *[partner[option]] if option in partner else [])
+        check(cfg)
+        selector, options = GROUPS[group]
+        name, _ = options[None if selector is None else cfg[group][selector]]
+        assert ConfigStore.instance().load(f"schema/{group}/{name}.yaml").node is not None
+
+
+def test_a_key_of_another_option_is_refused_naming_the_keys_allowed(compose_config):
+    with pytest.raises(ConfigError, match=r"^optimizer.momentum=0.9: not a key of optimizer=adam; its keys: name, "):
+        check(compose_config("optimizer=adam", "+optimizer.momentum=0.9"))
+    with pytest.raises(ConfigError, match=r"^optimizer.name='nadam': must be one of adabelief, adam, adam3, adamw, "):
+        check(compose_config("optimizer.name=nadam"))
+
+
+def test_a_value_a_constructor_refuses_is_one_line_naming_the_option(train_run, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^optimizer=sgdm: Nesterov momentum requires a momentum and zero dampening"):
+        train_run("optimizer=sgdm", "optimizer.nesterov=true", "optimizer.momentum=0", f"hydra.run.dir={run_dir}")
+    with pytest.raises(ConfigError, match=r"^xgrad.models.lenet.LeNet5: .*unexpected keyword argument 'foo'"):
+        train_run("+model.net.foo=1", f"hydra.run.dir={run_dir}")
+    assert not (run_dir / "summary.json").exists()
+
+
+def main_with(monkeypatch, *argv: str) -> int:
+    """``python -m xgrad.train [-m] <test overrides> argv...`` in this process; its exit status."""
+    from xgrad.train import main
+
+    flags = [a for a in argv if a == "-m"]
+    monkeypatch.setattr(sys, "argv", ["xgrad.train", *flags, *TEST_OVERRIDES, *[a for a in argv if a != "-m"]])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        GlobalHydra.instance().clear()
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("optimizer.lr=abc", "error: optimizer.lr='abc': must be a finite number >= 0"),
+    ("+trainer.epoch=2", "error: trainer.epoch=2: not a key of trainer (did you mean trainer.epochs?); its keys: "),
+    ("+optimizer.nesterov=true", "error: optimizer.nesterov=True: not a key of optimizer=adam; its keys: "),
+])  # fmt: skip
+def test_the_command_line_refuses_with_one_line_and_exit_status_2(monkeypatch, capsys, tmp_path, override, line):
+    assert main_with(monkeypatch, "optimizer=adam", override, f"hydra.run.dir={tmp_path / 'run'}") == 2
+    [printed] = capsys.readouterr().err.strip().splitlines()
+    assert printed.startswith(line)
+    assert [(p.name, p.stat().st_size) for p in (tmp_path / "run").iterdir()] == [("train.log", 0)]  # Hydra's, empty
+
+
+def test_a_sweep_records_each_refusal_whatever_stage_refused_it(monkeypatch, capsys, tmp_path):
+    """Four jobs: two refused by the schema, one by the predictor (when it is built), one that trains."""
+    sweep = tmp_path / "sweep"
+    argv = ["-m", "xgrad=on", "optimizer.lr=-1,0.01", "xgrad.rule=nosuch,auto", *SMALL, f"hydra.sweep.dir={sweep}"]
+    assert main_with(monkeypatch, *argv) == 1  # Hydra ends a sweep with a failed job nonzero
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    summaries = [json.loads((sweep / str(job) / "summary.json").read_text()) for job in range(4)]
+    assert sorted(s["status"] for s in summaries) == ["completed", "failed", "failed", "failed"]
+    reasons = sorted(s["reason"] for s in summaries if s["status"] == "failed")
+    schema_line = "refused: optimizer.lr=-1: must be a finite number >= 0"
+    assert reasons[:2] == [schema_line, schema_line]
+    assert reasons[2].startswith("refused: optimizer=adam xgrad.rule=nosuch: ") and "\n" not in reasons[2]
+    assert all(not (sweep / str(job) / "metrics.jsonl").exists() for job, s in enumerate(summaries) if s["status"] == "failed")
+    assert f"\n{schema_line.removeprefix('refused: ')}\n" in stderr  # the sweep's first failure, as Hydra prints it
+
+
+def test_the_sweep_jobs_of_every_experiment_pass_the_schema():
+    """Experiments add top-level keys (scale, protocol, cells, ...): the first job of each composes and passes."""
+    from test_experiments import compose_job, sweep_jobs
+
+    for experiment in sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")):
+        if experiment == "overhead":
+            check(compose_job(experiment, "quick", ["protocol=quick/fashion_mnist_lenet"]))
+            continue
+        for scale in ("paper", "quick"):
+            jobs = sweep_jobs(experiment, scale) if _has_cells(experiment, scale) else []
+            for job in jobs[:1] + jobs[-1:]:
+                check(compose_job(experiment, scale, job))
+
+
+def _has_cells(experiment: str, scale: str) -> bool:
+    from omegaconf import OmegaConf
+
+    cells = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml").get("cells") or {}
+    return bool(cells.get(scale))
+

@@ -1,0 +1,267 @@
+"""A run directory belongs to one run: an exclusive lock while it trains, and its own record of its config.
+
+Files (beside the run's results):
+
+- ``run.lock``: locked (``flock``, exclusive) by the process training in the
+  directory, for the whole run, and holding that process's PID and host. A
+  second run into a locked directory is refused at once, naming them; a lock
+  file that nobody holds means nothing (the lock dies with its process, also
+  when it is killed).
+- ``run.json``: the run's record of what it trains, written when a start is
+  accepted: ``config``, the resolved config as dotted keys minus
+  :data:`RESUME_IGNORES` (:func:`fingerprint`), and ``epochs``, the
+  ``trainer.epochs`` it was last started with.
+- ``.hydra/``: ``config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, which
+  Hydra would write at every start, before any check. ``conf/config.yaml`` sets
+  ``hydra.output_subdir: null``, and :meth:`RunDirectory.accept` writes them
+  only once the start is accepted.
+
+A start is checked, holding the lock, against the record (or, for a directory
+written before records existed, against the config its checkpoint holds), not
+against anything a refused start may have just written. It is refused in one
+line (:class:`RunDirRefused`) when the directory holds a run of another config,
+whatever files of it remain; when the checkpoint already has more epochs than
+asked for; when ``trainer.epochs`` changes for a schedule that depends on it (a
+cosine's ``T_max``: the epochs trained so far used a schedule of the old
+length, which no run of the new length would have); when a completed run is
+to be extended but its checkpoint is gone; and when a directory holds results
+but no record of their config. A refused start writes nothing: every file the
+directory held is left byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from xgrad import atomic, checkpoint
+from xgrad.loggers import write_refusal
+
+#: Keys that may differ when a run is resumed: where and how it runs, not what it trains.
+RESUME_IGNORES = (
+    "trainer.epochs",
+    "trainer.device",
+    "trainer.num_threads",
+    "trainer.progress",
+    "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_n_steps",
+    "logger",
+    "data.root",
+)
+
+
+class RunDirRefused(Exception):
+    """This start may not train in this directory; the message says why and what to do, in one line."""
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config minus :data:`RESUME_IGNORES`, flattened to dotted keys."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for key in RESUME_IGNORES:
+            OmegaConf.update(cfg, key, None, force_add=True)  # before resolving: drops interpolated copies too
+    return {k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items() if not _ignored(k)}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == i or key.startswith(i + ".") for i in RESUME_IGNORES)
+
+
+def follows_epochs(cfg: DictConfig, epochs: int) -> dict[str, tuple[Any, Any]]:
+    """Keys whose value follows ``trainer.epochs``: ``{key: (value with epochs, value now)}``.
+
+    A cosine's ``T_max: ${trainer.epochs}`` is one: its schedule depends on
+    the run's length, so a run cannot change its length half way.
+    """
+    other = copy.deepcopy(cfg)
+    other.trainer.epochs = epochs
+    now, then = _flatten(OmegaConf.to_container(cfg, resolve=True)), _flatten(OmegaConf.to_container(other, resolve=True))
+    return {k: (then.get(k), v) for k, v in now.items() if k != "trainer.epochs" and then.get(k) != v}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+class RunDirectory:
+    """The run directory at ``path``; ``with RunDirectory(path) as directory:`` holds its lock (see the module)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.lock_file = self.path / "run.lock"
+        self.record_file = self.path / "run.json"
+        self.checkpoint_file = self.path / "checkpoints" / "last.pt"
+        self.summary_file = self.path / "summary.json"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self._fd: int | None = None
+
+    # ------------------------------------------------------------------ the lock
+
+    def __enter__(self) -> RunDirectory:
+        self.lock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unlock()
+
+    def lock(self) -> None:
+        """Take the directory's lock, or refuse naming the process that holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's PID is in it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise RunDirRefused(
+                f"{self.path} is in use by another run ({holder}); wait for it to end, or pass another hydra.run.dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        """What the holder wrote in the lock file (it writes right after locking: wait a moment for it)."""
+        for _ in range(20):
+            text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            if text:
+                return text
+            time.sleep(0.05)
+        return "pid unknown"
+
+    def unlock(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+    # ------------------------------------------------------------------ what the directory holds
+
+    def holds_run(self) -> bool:
+        """Whether a run has trained here (its record, its checkpoint or its metrics); a refusal's summary is none."""
+        return self.record_file.is_file() or self.checkpoint_file.is_file() or self.metrics_file.is_file()
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from (None: there is none); an unreadable one is refused by :mod:`xgrad.checkpoint`."""
+        return checkpoint.load(self.checkpoint_file) if self.checkpoint_file.is_file() else None
+
+    def _record(self) -> dict[str, Any] | None:
+        if not self.record_file.is_file():
+            return None
+        try:
+            record = json.loads(self.record_file.read_text())
+            return {"config": dict(record["config"]), "epochs": record["epochs"]}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RunDirRefused(
+                f"{self.record_file} cannot be read ({type(error).__name__}: {error}); it records what {self.path} "
+                "trains: restore it, or pass a new hydra.run.dir"
+            ) from None
+
+    def _summary(self) -> dict[str, Any] | None:
+        with contextlib.suppress(OSError, ValueError):
+            summary = json.loads(self.summary_file.read_text())
+            return summary if isinstance(summary, dict) else None
+        return None
+
+    # ------------------------------------------------------------------ the check
+
+    def check(self, cfg: DictConfig, saved: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Refuse a start that may not train here (see the module); return the summary when the run is complete.
+
+        ``saved`` is the checkpoint (:meth:`load_checkpoint`). A run that has
+        already completed ``trainer.epochs`` epochs of this config is not
+        trained again, with or without its checkpoint: its summary is returned.
+        """
+        record = self._record()
+        if record is not None:
+            before, target = record["config"], record["epochs"]
+        elif saved is not None:
+            before, target = saved["config"], None  # written before run.json existed: the length it aimed at is unknown
+        elif self.metrics_file.is_file():
+            raise RunDirRefused(
+                f"{self.path} holds results (metrics.jsonl) but no record of the config that made them (no run.json, "
+                "no checkpoint); pass a new hydra.run.dir, or move those files away"
+            )
+        else:
+            return None  # nothing has trained here
+        self._same_config(before, fingerprint(cfg))
+        epochs = cfg.trainer.epochs
+        if saved is not None and saved["epoch"] > epochs:
+            raise RunDirRefused(
+                f"trainer.epochs={epochs}: the checkpoint in {self.path} already has {saved['epoch']} epochs"
+            )
+        if saved is not None and target is not None and target != epochs and (changed := follows_epochs(cfg, target)):
+            values = "; ".join(f"{k}={then!r} for {target} epochs, {now!r} for {epochs}" for k, (then, now) in changed.items())
+            raise RunDirRefused(
+                f"trainer.epochs={epochs}: {self.path} has trained toward trainer.epochs={target} with a schedule that "
+                f"depends on it ({values}); the rates it used belong to the {target}-epoch schedule, so it cannot "
+                f"become a {epochs}-epoch run: train that in a new hydra.run.dir"
+            )
+        summary = self._summary() if self.summary_file.is_file() else None
+        if summary is None or summary.get("status") != "completed":
+            return None
+        if summary.get("epochs") == epochs:
+            return summary
+        if saved is None:
+            raise RunDirRefused(
+                f"trainer.epochs={epochs}: {self.path} holds a completed {summary.get('epochs')}-epoch run whose "
+                "checkpoints/last.pt is gone, so there is nothing to continue from; pass a new hydra.run.dir"
+            )
+        return None
+
+    def _same_config(self, before: dict[str, Any], now: dict[str, Any]) -> None:
+        before = {k: v for k, v in before.items() if not _ignored(k)}  # recorded when RESUME_IGNORES was shorter
+        changed = [k for k in sorted(now.keys() | before.keys()) if now.get(k, "<absent>") != before.get(k, "<absent>")]
+        if changed:
+            diffs = "; ".join(f"{k}={before.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} now" for k in changed[:5])
+            more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+            raise RunDirRefused(
+                f"{self.path} holds a run of a different config: {diffs}{more}; "
+                "rerun with the same overrides, or pass a new hydra.run.dir"
+            )
+
+    # ------------------------------------------------------------------ an accepted start
+
+    def accept(self, cfg: DictConfig) -> None:
+        """Record the accepted start: remove temporary files left by a killed run, write ``run.json`` and ``.hydra/``."""
+        for folder in (self.path, self.checkpoint_file.parent):
+            atomic.remove_temporaries(folder)
+        record = {"config": fingerprint(cfg), "epochs": cfg.trainer.epochs}
+        atomic.write_text(self.record_file, json.dumps(record, indent=2, default=str) + "\n")
+        hydra = HydraConfig.instance().cfg if HydraConfig.initialized() else None
+        subdir = self.path / str((hydra.hydra.output_subdir if hydra is not None else None) or ".hydra")
+        atomic.write_text(subdir / "config.yaml", OmegaConf.to_yaml(cfg))
+        if hydra is not None:
+            atomic.write_text(subdir / "hydra.yaml", OmegaConf.to_yaml(hydra))
+            atomic.write_text(subdir / "overrides.yaml", OmegaConf.to_yaml(hydra.hydra.overrides.task))
+
+
+def record_refusal(path: Path, identity: dict[str, Any], reason: str) -> None:
+    """A sweep job's refusal as a ``failed`` summary.json in its directory, for the sweep's table.
+
+    Only into a directory that holds no run and that no process is using: the
+    files of a run (of another config, or one now training) are left alone.
+    """
+    directory = RunDirectory(path)
+    try:
+        directory.lock()
+    except RunDirRefused:
+        return
+    try:
+        if not directory.holds_run():
+            write_refusal(path, identity, reason)
+    finally:
+        directory.unlock()
