@@ -201,7 +201,8 @@ def summarise(rows: Sequence[Comparison]) -> list[GroupSummary]:
     """
     groups: dict[tuple, list[Comparison]] = {}
     for row in rows:
-        groups.setdefault((row.optimizer, row.steps), []).append(row)
+        if row.steps is not None:  # a cell with no XGrad run yet compares nothing; its table row says so
+            groups.setdefault((row.optimizer, row.steps), []).append(row)
     several_steps = {opt for opt, steps in groups if sum(o == opt for o, _ in groups) > 1}
     summaries = []
     for (optimizer, steps), members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
