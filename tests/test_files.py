@@ -74,6 +74,7 @@ def test_the_command_line_refuses_a_damaged_checkpoint_with_exit_status_2(train_
     run_dir = tmp_path / "run"
     train_run(f"hydra.run.dir={run_dir}", *SMALL)
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 half a zip")
+    capsys.readouterr()  # what the first run printed (logging handlers an earlier in-process Hydra run left behind)
     monkeypatch.setattr(sys, "argv", ["xgrad.train", *TEST_OVERRIDES, "trainer.epochs=2", *SMALL,
                                       f"hydra.run.dir={run_dir}"])  # fmt: skip
     try:
