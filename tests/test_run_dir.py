@@ -8,7 +8,10 @@ into one directory is the one test here that starts processes.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -77,6 +80,25 @@ def test_a_run_into_a_locked_directory_is_refused_at_once_naming_the_holder(trai
             k: v for k, v in before.items() if k != "run.lock"
         }
     train_run(f"hydra.run.dir={run_dir}", *SMALL)  # released: the same command finds its run complete
+
+
+def test_a_file_system_without_locks_warns_and_one_that_refuses_files_is_one_line(train_run, monkeypatch, tmp_path,
+                                                                                     caplog):  # fmt: skip
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="xgrad.run_dir"):
+        patch.setattr(fcntl, "flock", no_locks)
+        run_dir = train_run(*SMALL)
+    assert summary(run_dir)["status"] == "completed"
+    assert "run.lock cannot be locked (No locks available): a second run into it would not be stopped" in caplog.text
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(RunDirRefused, match=rf"^cannot use {tmp_path / 'ro'}: Permission denied \("):
+        train_run(f"hydra.run.dir={tmp_path / 'ro'}", *SMALL)
 
 
 def test_two_runs_started_together_into_one_directory_leave_one_run(tmp_path):

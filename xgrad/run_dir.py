@@ -35,6 +35,7 @@ import contextlib
 import copy
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -46,6 +47,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xgrad import atomic, checkpoint
 from xgrad.loggers import write_refusal
+
+log = logging.getLogger(__name__)
 
 #: Keys that may differ when a run is resumed: where and how it runs, not what it trains.
 RESUME_IGNORES = (
@@ -117,9 +120,17 @@ class RunDirectory:
         self.unlock()
 
     def lock(self) -> None:
-        """Take the directory's lock, or refuse naming the process that holds it."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's PID is in it
+        """Take the directory's lock, or refuse naming the process that holds it.
+
+        On a file system without locks (a network file system mounted without
+        them) the run goes on unlocked, with a warning: refusing would make the
+        directory unusable, not safer.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's PID is in it
+        except OSError as error:
+            raise RunDirRefused(f"cannot use {self.path}: {error.strerror or error} ({self.lock_file})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -128,6 +139,9 @@ class RunDirectory:
             raise RunDirRefused(
                 f"{self.path} is in use by another run ({holder}); wait for it to end, or pass another hydra.run.dir"
             ) from None
+        except OSError as error:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks here
+            log.warning("%s cannot be locked (%s): a second run into it would not be stopped", self.lock_file,
+                        error.strerror or error)  # fmt: skip
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self._fd = fd
