@@ -21,9 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 LIBRARY_FILES = ["xgrad/__init__.py", *(str(p.relative_to(REPO)) for p in sorted((REPO / "xgrad").glob("*.py"))
                                         if p.stem in ("predict", "rules")),
                  *(str(p.relative_to(REPO)) for p in sorted((REPO / "xgrad" / "optim").glob("*.py")))]
-#: packages of the suite that `import xgrad` must not pull in
+#: packages of the suite and of the framework integrations that `import xgrad` must not pull in
 SUITE_ONLY = ("hydra", "omegaconf", "wandb", "timm", "torchvision", "datasets", "pandas", "scipy", "matplotlib",
-              "sacrebleu", "sentencepiece", "rich", "lightning", "transformers")
+              "sacrebleu", "sentencepiece", "rich", "lightning", "pytorch_lightning", "transformers", "accelerate")
+#: each integration (xgrad/integrations/<name>.py, the extra <name>) and the frameworks it alone may import
+INTEGRATIONS = {"lightning": {"lightning"}, "transformers": {"transformers", "accelerate"}}
 
 
 def _pyproject() -> dict:
@@ -54,25 +56,43 @@ def test_the_extras_are_ranges_and_the_lock_pins_the_tested_pairing():
     assert "-c constraints.txt" in (REPO / "Makefile").read_text()
 
 
+def _imports_at_import_time(relative: str) -> list[str]:
+    """What a file imports when it is imported: top level, try/if blocks and class bodies; not function bodies."""
+    names, nodes = [], list(ast.parse((REPO / relative).read_text()).body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module)
+        elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            nodes.extend(ast.iter_child_nodes(node))
+    return names
+
+
 def test_library_modules_import_only_torch_and_the_standard_library():
-    """At module level: an optional integration may import its own framework lazily, inside a function."""
+    """At import time; a function may import more where it needs it."""
     allowed = {"torch", "xgrad"} | set(sys.stdlib_module_names)
     for relative in LIBRARY_FILES:
-        tree = ast.parse((REPO / relative).read_text())
-        for node in tree.body:
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                assert name.split(".")[0] in allowed, f"{relative} imports {name}"
+        for name in _imports_at_import_time(relative):
+            assert name.split(".")[0] in allowed, f"{relative} imports {name}"
+
+
+def test_each_integration_imports_only_its_framework_which_is_its_extra_and_installed():
+    allowed = {"torch", "xgrad"} | set(sys.stdlib_module_names)
+    extras = _pyproject()["project"]["optional-dependencies"]
+    installed = re.search(r"pip install .*-e '\.\[([^]]*)\]'", (REPO / "Makefile").read_text()).group(1).split(",")
+    for name, frameworks in INTEGRATIONS.items():
+        for module in _imports_at_import_time(f"xgrad/integrations/{name}.py"):
+            assert module.split(".")[0] in allowed | frameworks, f"xgrad/integrations/{name}.py imports {module}"
+        assert {_name(r) for r in extras[name]} == frameworks, f"the extra {name!r} declares its frameworks"
+        assert name in installed, f"make install installs the extra {name!r}, so the tests run its integration"
 
 
 def test_import_xgrad_loads_nothing_of_the_suite():
     """In a fresh interpreter (this one has loaded the suite already)."""
-    code = "import sys, json, xgrad; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    code = ("import sys, json, xgrad, xgrad.integrations; "
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                            text=True, cwd=REPO).stdout))
     assert "torch" in loaded
