@@ -528,6 +528,40 @@ def test_duplicates_runs_without_values_or_direction_are_listed(tmp_path):
     assert "gives no direction (mode) for its metric acc" in missing and "d/off`" in missing
 
 
+def test_a_swept_value_makes_cells_of_its_own_never_duplicates(tmp_path):
+    """A sweep over optimizer.lr: every value is a cell, named by it; a true repeat is still a duplicate."""
+    def with_config(folder: Path, lr: float, rule: str = "auto", **run) -> None:
+        write_run(folder, **run)
+        record = {"seed": run.get("seed", 0), "data.name": "fashion_mnist", "model.name": "lenet",
+                  "optimizer.name": "adam", "optimizer.lr": lr, "xgrad.enabled": run.get("xgrad", False)}
+        if run.get("xgrad"):
+            record |= {"xgrad.steps": 1, "xgrad.rule": rule}
+        (folder / "run.json").write_text(json.dumps({"config": record, "epochs": 3}))
+
+    for lr, gain in ((0.001, 0.1), (0.002, -0.1)):
+        for seed in range(3):
+            base = (0.5, 0.6, 0.7 + 0.01 * seed)
+            with_config(tmp_path / f"lr{lr}" / f"off{seed}", lr, seed=seed, curve=base)
+            with_config(tmp_path / f"lr{lr}" / f"on{seed}", lr, xgrad=True, seed=seed, curve=(*base[:2], base[2] + gain))
+    with_config(tmp_path / "repeat", 0.001, xgrad=True, seed=0, curve=(0.1, 0.1, 0.1))  # lr 0.001, seed 0 again
+    with_config(tmp_path / "rule", 0.001, rule="last_update", xgrad=True, seed=1, curve=(0.2, 0.2, 0.2))
+
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "lr.md")])
+    rows = {(row["optimizer"], row["pairs"]): row["verdict"] for row in table_rows(text)}
+    assert rows == {
+        ("adam (optimizer.lr=0.001, xgrad.rule=auto)", "3"): "better",
+        ("adam (optimizer.lr=0.002, xgrad.rule=auto)", "3"): "worse",
+        ("adam (optimizer.lr=0.001, xgrad.rule=last_update)", "1"): "too few seeds",
+    }
+    missing = section(text, "Missing or failed runs")
+    assert missing.count("duplicate of seed") == 1 and "repeat`" in missing
+    assert {row["optimizer"] for row in summary_rows(text)} >= {
+        "adam (optimizer.lr=0.001, xgrad.rule=auto)", "adam (optimizer.lr=0.002, xgrad.rule=auto)"}
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 0  # nothing written unasked
+    plot_curves.main([str(tmp_path), "--out", str(tmp_path / "plots")])
+    assert len({p.name for p in (tmp_path / "plots").glob("fashion_mnist-lenet-adam-*.png")}) == 3  # one per cell
+
+
 def test_the_renderer_escapes_pipes_and_does_not_pad_rows():
     import pandas as pd
 

@@ -46,22 +46,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xgrad import atomic, checkpoint
+from xgrad.trained_config import RESUME_IGNORES, flatten, is_ignored, what_it_trains
 from xgrad.loggers import write_refusal
 
 log = logging.getLogger(__name__)
-
-#: Keys that may differ when a run is resumed: where and how it runs, not what it trains.
-RESUME_IGNORES = (
-    "trainer.epochs",
-    "trainer.device",
-    "trainer.num_threads",
-    "trainer.progress",
-    "trainer.log_every_n_steps",
-    "trainer.checkpoint_every_n_steps",
-    "logger",
-    "data.root",
-)
-
 
 class RunDirRefused(Exception):
     """This start may not train in this directory; the message says why and what to do, in one line."""
@@ -73,11 +61,7 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         for key in RESUME_IGNORES:
             OmegaConf.update(cfg, key, None, force_add=True)  # before resolving: drops interpolated copies too
-    return {k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items() if not _ignored(k)}
-
-
-def _ignored(key: str) -> bool:
-    return any(key == i or key.startswith(i + ".") for i in RESUME_IGNORES)
+    return what_it_trains(OmegaConf.to_container(cfg, resolve=True))
 
 
 def follows_epochs(cfg: DictConfig, epochs: int) -> dict[str, tuple[Any, Any]]:
@@ -88,14 +72,8 @@ def follows_epochs(cfg: DictConfig, epochs: int) -> dict[str, tuple[Any, Any]]:
     """
     other = copy.deepcopy(cfg)
     other.trainer.epochs = epochs
-    now, then = _flatten(OmegaConf.to_container(cfg, resolve=True)), _flatten(OmegaConf.to_container(other, resolve=True))
+    now, then = flatten(OmegaConf.to_container(cfg, resolve=True)), flatten(OmegaConf.to_container(other, resolve=True))
     return {k: (then.get(k), v) for k, v in now.items() if k != "trainer.epochs" and then.get(k) != v}
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): node}
 
 
 class RunDirectory:
@@ -237,7 +215,7 @@ class RunDirectory:
         return None
 
     def _same_config(self, before: dict[str, Any], now: dict[str, Any]) -> None:
-        before = {k: v for k, v in before.items() if not _ignored(k)}  # recorded when RESUME_IGNORES was shorter
+        before = {k: v for k, v in before.items() if not is_ignored(k)}  # recorded when RESUME_IGNORES was shorter
         changed = [k for k in sorted(now.keys() | before.keys()) if now.get(k, "<absent>") != before.get(k, "<absent>")]
         if changed:
             diffs = "; ".join(f"{k}={before.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} now" for k in changed[:5])

@@ -18,7 +18,7 @@ Running the same command again with the same ``hydra.run.dir`` resumes from
 ``checkpoints/last.pt``, mid-epoch included. The run must be the same: the
 config it was started with is recorded in the run directory and compared,
 ignoring only the keys that do not change what is trained
-(:data:`xgrad.run_dir.RESUME_IGNORES`; a larger ``trainer.epochs`` trains on,
+(:data:`xgrad.trained_config.RESUME_IGNORES`; a larger ``trainer.epochs`` trains on,
 unless the schedule depends on it).
 """
 

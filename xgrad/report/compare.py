@@ -73,7 +73,8 @@ class Comparison:
 
     @property
     def optimizer(self) -> str:
-        return self.cell.optimizer
+        """The optimizer with what else sets the cell apart: rows are summarised per this label."""
+        return self.cell.optimizer_setting
 
     @property
     def relative(self) -> float | None:

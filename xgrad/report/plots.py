@@ -91,7 +91,9 @@ def band(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 
 
 def slug(cell: Cell) -> str:
-    parts = [cell.data, cell.model, cell.optimizer] + ([cell.scale] if cell.scale else [])
+    """A file name per cell: cells told apart by a setting get distinct names."""
+    setting = [f"{key}={value}" for key, value in cell.setting]
+    parts = [cell.data, cell.model, cell.optimizer, *setting] + ([cell.scale] if cell.scale else [])
     return re.sub(r"[^\w.-]+", "_", "-".join(parts))
 
 

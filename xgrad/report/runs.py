@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from xgrad.trained_config import what_it_trains
 
 #: folders inside a run directory that never hold another run (not worth walking)
 _RUN_INTERNALS = {".hydra", "checkpoints", "wandb", "samples"}
@@ -85,6 +88,8 @@ class Run:
     curve: list[tuple[int, float]] = field(default_factory=list)
     #: (epoch, test/<metric>) per line of metrics.jsonl that has one, finite values only
     test_curve: list[tuple[int, float]] = field(default_factory=list)
+    #: what the run trains, as dotted keys (xgrad.trained_config); empty when nothing recorded it
+    config: dict = field(default_factory=dict)
 
     @property
     def usable(self) -> bool:
@@ -117,11 +122,21 @@ class Cell:
     mode: str | None
     baseline: list[Run] = field(default_factory=list)
     xgrad: dict[int, list[Run]] = field(default_factory=dict)
+    #: the config values that set this cell's runs apart from other runs of the same
+    #: (data, model, optimizer, scale), as (dotted key, value) pairs (:func:`set_apart`)
+    setting: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def optimizer_setting(self) -> str:
+        """The optimizer, with the values that tell this cell apart (``adam (optimizer.lr=0.002)``)."""
+        if not self.setting:
+            return self.optimizer
+        return f"{self.optimizer} ({', '.join(f'{key}={value}' for key, value in self.setting)})"
 
     @property
     def title(self) -> str:
         scale = f" ({self.scale})" if self.scale else ""
-        return f"{self.data} · {self.model} · {self.optimizer}{scale}"
+        return f"{self.data} · {self.model} · {self.optimizer_setting}{scale}"
 
     @property
     def direction(self) -> str:
@@ -159,6 +174,7 @@ def load_run(path: Path) -> Run:
         run = _from_summary(path, json.loads(summary_file.read_text()))
     else:
         run = _from_config(path, _load_yaml(config_file), _load_yaml(path / ".hydra" / "hydra.yaml"))
+    run.config = _trained_config(path)
     lines = _read_metrics(path / "metrics.jsonl")
     if run.metric:
         run.curve = _series(lines, f"val/{run.metric}")
@@ -243,27 +259,42 @@ def load_wandb_runs(project: str, experiment: str | None = None) -> list[Run]:
 
 
 def group_cells(runs: list[Run]) -> list[Cell]:
-    """Usable runs grouped into cells, sorted by (data, model, optimizer, scale).
+    """Usable runs grouped into cells, sorted by (data, model, optimizer, scale, setting).
 
-    Within one arm (baseline, or one ``s``) a seed appears once: a second run of
-    the same seed is left out of the statistics and reported by :func:`problems`.
-    Runs of one cell that disagree on the metric or its direction are refused.
+    Runs of the same (data, model, optimizer, scale) that differ in any other
+    value of what they train (a swept ``optimizer.lr``, say) make separate
+    cells, named by those values (:func:`set_apart`). Within one arm (baseline,
+    or one ``s``) of a cell a seed appears once: a second run of the same seed
+    is left out of the statistics and reported by :func:`problems`. Runs of one
+    cell that disagree on the metric or its direction are refused.
     """
+    settings = set_apart(runs)
+    counted = [run for run in runs if run.usable and _duplicate_of(run, runs, settings) is None]
     cells: dict[tuple, Cell] = {}
-    for run in runs:
-        if not run.usable or _duplicate_of(run, runs) is not None:
-            continue
-        key = (run.data, run.model, run.optimizer, run.scale or "")
-        cell = cells.setdefault(key, Cell(run.data, run.model, run.optimizer, run.scale, run.metric, run.mode))
+
+    def cell_of(run: Run, setting: tuple) -> Cell:
+        key = (run.data, run.model, run.optimizer, run.scale or "", setting)
+        cell = cells.setdefault(
+            key, Cell(run.data, run.model, run.optimizer, run.scale, run.metric, run.mode, setting=setting)
+        )
         if (run.metric, run.mode) != (cell.metric, cell.mode):
             raise ValueError(
                 f"runs of {cell.title} disagree on the metric: {cell.metric} ({cell.mode}) "
                 f"vs {run.metric} ({run.mode}) in {run.path}"
             )
+        return cell
+
+    for run in counted:
         if run.xgrad:
-            cell.xgrad.setdefault(run.steps, []).append(run)
-        else:
-            cell.baseline.append(run)
+            common, predicting = settings[id(run)]
+            cell_of(run, common + predicting).xgrad.setdefault(run.steps, []).append(run)
+    for run in counted:
+        if not run.xgrad:  # the baseline of every cell its common setting matches (several XGrad rules: one baseline)
+            common, _ = settings[id(run)]
+            place = (run.data, run.model, run.optimizer, run.scale or "")
+            matching = [c for key, c in cells.items() if key[:4] == place and c.setting[: len(common)] == common]
+            for cell in matching or [cell_of(run, common)]:
+                cell.baseline.append(run)
     for cell in cells.values():
         if not cell.baseline and 0 in cell.xgrad:
             cell.baseline = cell.xgrad.pop(0)
@@ -271,13 +302,54 @@ def group_cells(runs: list[Run]) -> list[Cell]:
     return [cells[key] for key in sorted(cells, key=lambda k: tuple(str(part) for part in k))]
 
 
+#: keys that pick a run's side of a comparison or its repetition, not its cell
+_ARM_KEYS = {"seed", "xgrad.enabled", "xgrad.steps"}
+
+
+def set_apart(runs: list[Run]) -> dict[int, tuple[tuple, tuple]]:
+    """For each usable run (by ``id``), the config values that set it apart from its neighbours.
+
+    Neighbours are the usable runs of the same (data, model, optimizer, scale).
+    A key sets runs apart when its value differs among them — a key one run
+    lacks counts as a value of its own — except the seed and the arm
+    (``xgrad.enabled``, ``xgrad.steps``). Returned per run as two tuples of
+    (dotted key, value): the keys every run has a say in, and the other
+    ``xgrad.*`` keys (rule, decoupled decay), which mean something only for
+    runs that predict and are compared among those alone (empty for a
+    baseline). Runs that recorded no config (a W&B run without one, a
+    directory without ``.hydra/``) set nothing apart.
+    """
+    neighbours: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.usable:
+            neighbours.setdefault((run.data, run.model, run.optimizer, run.scale or ""), []).append(run)
+    settings = {}
+    for group in neighbours.values():
+        recorded = [run for run in group if run.config]
+        common = _differing_keys(recorded, lambda key: not key.startswith("xgrad."))
+        predicting = _differing_keys([run for run in recorded if run.xgrad], lambda key: key.startswith("xgrad."))
+        for run in group:
+            settings[id(run)] = (_values(run, common), _values(run, predicting) if run.xgrad else ())
+    return settings
+
+
+def _values(run: Run, keys: set[str]) -> tuple[tuple[str, object], ...]:
+    return tuple((key, run.config.get(key, "<absent>")) for key in sorted(keys)) if run.config else ()
+
+
+def _differing_keys(runs: list[Run], considered) -> set[str]:
+    keys = {key for run in runs for key in run.config if considered(key) and key not in _ARM_KEYS}
+    return {key for key in keys if len({repr(run.config.get(key, "<absent>")) for run in runs}) > 1}
+
+
 def problems(runs: list[Run]) -> list[tuple[Run, str]]:
     """Runs that are left out of the statistics, each with why."""
+    settings = set_apart(runs)
     left_out = []
     for run in runs:
         if not run.usable:
             left_out.append((run, f"{run.status}: {run.reason or 'no reason given'}"))
-        elif (first := _duplicate_of(run, runs)) is not None:
+        elif (first := _duplicate_of(run, runs, settings)) is not None:
             left_out.append((run, f"duplicate of seed {run.seed} in {first.path}; not counted"))
     return left_out
 
@@ -295,20 +367,21 @@ def unpaired_seeds(cell: Cell) -> list[str]:
     return lines
 
 
-def _duplicate_of(run: Run, runs: list[Run]) -> Run | None:
-    """The earlier usable run of the same cell, arm and seed, if any."""
+def _duplicate_of(run: Run, runs: list[Run], settings: dict[int, tuple]) -> Run | None:
+    """The earlier usable run of the same cell (setting included), arm and seed, if any."""
     if run.seed is None:
         return None
     for other in runs:
         if other is run:
             return None
-        if other.usable and _identity(other) == _identity(run):
+        if other.usable and _identity(other, settings) == _identity(run, settings):
             return other
     return None
 
 
-def _identity(run: Run) -> tuple:
-    return (run.data, run.model, run.optimizer, run.scale, run.xgrad, run.steps if run.xgrad else 0, run.seed)
+def _identity(run: Run, settings: dict[int, tuple]) -> tuple:
+    arm = (run.xgrad, run.steps if run.xgrad else 0)
+    return (run.data, run.model, run.optimizer, run.scale, settings[id(run)], *arm, run.seed)
 
 
 def _from_summary(path: Path, summary: dict) -> Run:
@@ -426,6 +499,7 @@ def _from_wandb(run) -> Run:
         data_variant=summary.get("data_variant"),
         data_sizes=_sizes(summary.get("data_sizes")),
         paper_epochs=_integer(summary.get("paper_epochs")),
+        config=what_it_trains(dict(config)),
     )
     if metric is not None:  # the curve: convergence speed and the area under it need every epoch
         key = f"val/{metric}"
@@ -445,6 +519,26 @@ def _task_metric(target: str | None) -> tuple[str | None, str | None]:
     except ImportError:
         return None, None
     return getattr(task, "metric", None), getattr(task, "mode", None)
+
+
+def _trained_config(path: Path) -> dict:
+    """What the run in ``path`` trains: its own record (``run.json``), else Hydra's ``.hydra/config.yaml``.
+
+    Hydra's copy holds interpolations; they are resolved where they can be (an
+    interpolation of Hydra's runtime cannot, outside Hydra: then the raw
+    values, which still tell runs of one sweep apart).
+    """
+    record = path / "run.json"
+    if record.is_file():
+        return json.loads(record.read_text()).get("config", {})
+    composed = path / ".hydra" / "config.yaml"
+    if not composed.is_file():
+        return {}
+    config = OmegaConf.load(composed)
+    try:
+        return what_it_trains(OmegaConf.to_container(config, resolve=True))
+    except OmegaConfBaseException:
+        return what_it_trains(OmegaConf.to_container(config, resolve=False))
 
 
 def _load_yaml(path: Path) -> dict:

@@ -152,7 +152,7 @@ def _row(row: Comparison) -> list[str]:
     everyone = base_runs + xgrad_runs
     base, ours = row.values
     return [
-        cell.data, cell.model, cell.optimizer, "—" if row.steps is None else str(row.steps),
+        cell.data, cell.model, cell.optimizer_setting, "—" if row.steps is None else str(row.steps),
         cell.metric, cell.direction, data_variant(everyone), row.basis if row.pairs else "—",
         str(result.n), mean_std(base), mean_std(ours), interval(result), result.verdict,
         number(result.p, ".2g"), number(row.p_adjusted, ".2g"),

@@ -1,0 +1,42 @@
+"""What a config trains: its resolved values as dotted keys, minus those that only say where and how it runs.
+
+Two places ask "is this the same training run?": a run directory, before it
+lets a start resume it (:mod:`xgrad.run_dir`), and the reports, before they put
+two runs in one cell (:mod:`xgrad.report.runs`). Both must ignore the same
+keys — a run resumed on another device, with more threads or a longer
+``trainer.epochs`` trains the same thing — so the list lives here, in a module
+light enough for the reports to import without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Keys that may differ between two starts of one run: where and how it runs, not what it trains.
+RESUME_IGNORES = (
+    "trainer.epochs",
+    "trainer.device",
+    "trainer.num_threads",
+    "trainer.progress",
+    "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_n_steps",
+    "logger",
+    "data.root",
+)
+
+
+def is_ignored(key: str) -> bool:
+    """Whether a dotted key is (under) one of :data:`RESUME_IGNORES`."""
+    return any(key == i or key.startswith(i + ".") for i in RESUME_IGNORES)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b.c": value}``; an empty dict stays a value of its own."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def what_it_trains(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config (plain containers) as dotted keys, without :data:`RESUME_IGNORES`."""
+    return {k: v for k, v in flatten(resolved).items() if not is_ignored(k)}
