@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from xgrad.data.base import DatasetMissingError
 from xgrad.data.fashion_mnist import DEFAULT_ROOT, FILES, FashionMNIST, read_idx
-from xgrad.data.images import ImageDataModule, random_crop
+from xgrad.data.images import ImageDataModule, crop, draw_crops
 from xgrad.models.lenet import LeNet5
 from xgrad.models.resnet import ResNet
 from xgrad.tasks.classification import Classification
@@ -89,7 +89,7 @@ def test_training_order_is_a_seeded_permutation_per_epoch(idx_root):
 
 def test_random_crop_cuts_each_image_from_its_padded_copy():
     images = torch.randint(1, 256, (16, 3, 6, 6), dtype=torch.uint8)
-    out = random_crop(images, 2, torch.Generator().manual_seed(0))
+    out = crop(images, 2, *draw_crops(16, 2, torch.Generator().manual_seed(0)))
     padded = F.pad(images, (2, 2, 2, 2))
     offsets = set()
     for i in range(16):
@@ -97,6 +97,28 @@ def test_random_crop_cuts_each_image_from_its_padded_copy():
         assert hits, f"image {i} is no window of its padded copy"
         offsets.add(hits[0])
     assert len(offsets) > 1  # offsets are drawn per image
+
+
+@pytest.mark.parametrize(("count", "ranks", "shared_batches"), [(30, 2, 4), (30, 3, 4), (25, 2, 3)])
+def test_ranks_share_every_augmented_batch_of_one_process(count, ranks, shared_batches):
+    """Each rank takes every ranks-th image of each training batch, cropped and flipped as one process would; a
+    last batch with fewer images than ranks (25 = 3·8 + 1) is left out on every rank."""
+    images = torch.randint(0, 256, (count, 1, 6, 6), dtype=torch.uint8)
+    ids = torch.arange(count)
+
+    def module() -> ImageDataModule:
+        return ImageDataModule((images, ids), (images[:2], ids[:2]), (images[:2], ids[:2]), 8, 8, mean=(0.0,),
+                               std=(1.0,), crop_padding=2, flip=True)  # fmt: skip
+
+    whole = list(module().train_batches(epoch=1, seed=5))
+    assert len(whole) == module().num_train_batches() == math.ceil(count / 8)
+    for rank in range(ranks):
+        data = module()
+        data.shard(rank, ranks)
+        shares = list(data.train_batches(epoch=1, seed=5))
+        assert len(shares) == data.num_train_batches() == shared_batches
+        for (x, y), (whole_x, whole_y) in zip(shares, whole[:shared_batches], strict=True):
+            assert torch.equal(y, whole_y[rank::ranks]) and torch.equal(x, whole_x[rank::ranks])
 
 
 def test_flipping_mirrors_some_images_and_leaves_the_others():

@@ -91,6 +91,19 @@ def test_batchify_and_bptt_windows_follow_the_token_stream(real_ptb):
     assert torch.equal(torch.cat([x for x, _ in val]), real_ptb.valid[:-1])
 
 
+def test_ranks_share_every_window_by_its_columns(fixture_root):
+    """Each column is a stream of its own: rank r takes columns r, r + 2, ... of every window, in order."""
+    args = dict(root=str(fixture_root), vocab_size=10, batch_size=4, eval_batch_size=1, bptt=2)
+    whole = ptb.PennTreebank(**args).train_batches(epoch=0, seed=0)
+    for rank in range(2):
+        data = ptb.PennTreebank(**args)
+        data.shard(rank, 2)
+        windows = data.train_batches(epoch=0, seed=0)
+        assert len(windows) == len(whole) == data.num_train_batches() == 2
+        for (x, y), (whole_x, whole_y) in zip(windows, whole, strict=True):
+            assert torch.equal(x, whole_x[:, rank::2]) and torch.equal(y, whole_y[:, rank::2])
+
+
 def test_text_files_under_root_read_through_the_same_code(fixture_root):
     data = ptb.PennTreebank(root=str(fixture_root), vocab_size=10, batch_size=2, eval_batch_size=1, bptt=3)
     assert list(data.vocab) == FIXTURE_VOCAB

@@ -135,6 +135,20 @@ def test_training_batches_hold_every_pair_once_with_bos_eos_and_padding(data, co
     assert [b["src"].tolist() for b in other_epoch] != [b["src"].tolist() for b in batches]
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_share_every_batch_pair_by_pair(data, corpus, ranks):
+    """Rank r takes pairs r, r + ranks, ... of each length-sorted batch: the shares are the one-process batch."""
+    whole = list(data.train_batches(epoch=2, seed=1))
+    for rank in range(ranks):
+        share = build(corpus)
+        share.shard(rank, ranks)
+        batches = list(share.train_batches(epoch=2, seed=1))
+        assert len(batches) == share.num_train_batches() == len(whole)
+        for mine, batch in zip(batches, whole, strict=True):
+            for side in ("src", "tgt"):
+                assert trimmed(mine, side) == trimmed(batch, side)[rank::ranks]
+
+
 def test_max_len_drops_pairs_too_long_on_either_side(tmp_path):
     root = write_corpus(tmp_path / "wmt16")
     german = root / "train.de"  # every other German sentence said twice: the target side can be the long one

@@ -59,6 +59,9 @@ class SweepReports(Callback):
     job's error first. A table that lists the failure is what is wanted then, so
     the reports are also written when the process exits without the sweep
     having ended normally.
+
+    A sweep run by every process of a torchrun launch (each job trained by all
+    of them together, xgrad/distributed.py) is reported by rank 0 alone.
     """
 
     def __init__(self, results: str, notes: dict[str, list[str]] | None = None):
@@ -68,13 +71,16 @@ class SweepReports(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         require_cells(config)
+        if _rank() != 0:
+            return
         self._pending = _describe(config)
         atexit.register(self._write_pending)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         atexit.unregister(self._write_pending)
         self._pending = None
-        self.write(*_describe(config))
+        if _rank() == 0:
+            self.write(*_describe(config))
 
     def _write_pending(self) -> None:
         if self._pending is not None:
@@ -105,6 +111,13 @@ class SweepReports(Callback):
         else:  # no run completed: the table says why
             log.warning("no plots: no run of %s completed", sweep_dir)
         return table
+
+
+def _rank() -> int:
+    """This process's rank in a run trained by several processes (0 when it trains alone)."""
+    from xgrad import distributed  # torch loads with the first job, not when Hydra loads its callbacks
+
+    return distributed.launch().rank
 
 
 def _describe(config: DictConfig) -> tuple[str, str, str | None]:
@@ -146,8 +159,9 @@ class OneGpuPerProcess(Callback):
     that no other process of the sweep holds (:func:`claim_slot` on
     ``<sweep dir>/.gpus/``) and makes it the process's current CUDA device,
     which ``auto`` and ``cuda`` then use. Nothing happens with fewer than two
-    visible GPUs (SLURM gives each job one) or when ``trainer.device`` names a
-    device itself.
+    visible GPUs (SLURM gives each job one), when ``trainer.device`` names a
+    device itself, or when the job's processes train one run together (SLURM
+    tasks of one job: each takes its local rank's GPU, xgrad/distributed.py).
     """
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -155,6 +169,11 @@ class OneGpuPerProcess(Callback):
         if _claimed is not None or config.trainer.device not in ("auto", "cuda"):
             return
         import torch
+
+        from xgrad import distributed
+
+        if distributed.launch().world_size > 1:
+            return
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count < 2:

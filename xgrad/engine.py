@@ -35,6 +35,41 @@ on, so the data order and the augmentation drawn per batch are those of the
 uninterrupted run, and trains on from the next batch: no step is repeated.
 Evaluation draws from no global generator, so an evaluation that a signal
 cut short is simply run again.
+
+On several processes (xgrad/distributed.py) every rank runs this loop on its
+share of each global batch, with ``forward`` the model wrapped in DDP, and
+the step becomes::
+
+    predictor.predict()                  θ_t → θ̂_{t+s} on every rank: the same θ̂
+    loss = task.train_loss(ddp, share)
+    weigh(loss)                          one all-gather: the ranks' losses, samples, stop signals
+    backward()                           DDP all-reduces: the mean gradient over all ranks, at θ̂
+    predictor.restore()                  θ̂ → θ_t on every rank
+    clip; optimizer.step()               the same update on every rank
+
+Why this order is XGrad's step under DDP: the predictor reads nothing but the
+weights and the optimizer's state, and every rank holds the same of both (DDP
+starts every rank from rank 0's weights, and each update after that applies
+the same averaged gradient to the same state), so every rank predicts the
+same θ̂ without communicating. Each rank's backward pass then differentiates
+its share of the batch at that θ̂, and DDP averages those gradients while the
+pass runs: the result is the gradient at θ̂ of the loss over the whole global
+batch, which is what one process computes. When ``backward()`` returns, DDP
+has written that average into ``.grad`` (on a GPU, ordered on the stream
+before anything launched later); the restore that follows writes the weights
+back in place, which the finished backward no longer reads, and leaves
+``.grad`` alone, so the step applies the gradient at θ̂ to θ_t, on every
+rank, keeping weights and states identical for the next prediction.
+Predicting on one rank only, or from a state some rank lacks, would let the
+ranks' weights drift apart.
+
+The training loss is reduced over the ranks every step (the sample-weighted
+mean of the global batch); evaluation runs the whole validation and test
+splits on every rank with the model itself, so its metrics need no reduction,
+and rank 0's epoch record is what every rank keeps. A stop signal received by
+any rank stops every rank after the same step (the step's all-gather carries
+it), and only rank 0 writes files: every rank's random state and carried task
+state go into its checkpoint.
 """
 
 from __future__ import annotations
@@ -55,6 +90,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from xgrad import checkpoint
+from xgrad.distributed import World
 from xgrad.loggers import RunLogger
 from xgrad.preemption import Interrupted, StopSignals
 
@@ -96,16 +132,24 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
 class _EvaluationStopped(Exception):
     """A stop signal arrived during an evaluation pass (raised from its batches, caught by the engine)."""
 
+    def __init__(self, signal: int):
+        super().__init__(signal)
+        self.signal = signal
+
 
 class Engine:
     """Trains ``model`` on ``data`` for ``task`` into ``run_dir``; see the module docstring.
 
-    ``forward`` is what runs the batches: the model itself, or its
-    ``torch.compile`` wrapper (``model`` is kept for plain state dicts).
+    ``forward`` is what runs the training batches: the model itself, its
+    ``torch.compile`` wrapper, or (several ranks) DDP around either;
+    ``evaluate`` runs the evaluation batches (default: ``forward``), without
+    DDP, whose wrapper neither needs nor has a model's own methods (a
+    translation model's beam search). ``model`` is kept for plain state dicts.
     ``checkpoint_extra`` is stored in every checkpoint as is (the entry point
     keeps the config and the W&B id there). ``stop`` is read after every step:
     when it holds a signal, the engine checkpoints and raises
-    :class:`xgrad.preemption.Interrupted` (None: never stops early).
+    :class:`xgrad.preemption.Interrupted` (None: never stops early). ``world``:
+    the ranks training together (default: this process alone).
     """
 
     def __init__(
@@ -125,8 +169,12 @@ class Engine:
         logger: RunLogger,
         checkpoint_extra: dict[str, Any],
         stop: StopSignals | None = None,
+        evaluate: nn.Module | None = None,
+        world: World | None = None,
     ):
         self.model, self.forward, self.task, self.data = model, forward, task, data
+        self.evaluate_with = evaluate if evaluate is not None else forward
+        self.world = world if world is not None else World()
         self.optimizer, self.predictor, self.scheduler = optimizer, predictor, scheduler
         self.device, self.settings, self.seed = device, settings, seed
         self.run_dir, self.logger, self.checkpoint_extra = run_dir, logger, checkpoint_extra
@@ -143,7 +191,14 @@ class Engine:
     # ------------------------------------------------------------------ state
 
     def load(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint written by :meth:`save`."""
+        """Continue from a checkpoint written by :meth:`save` (by as many ranks as now, or not).
+
+        Each rank takes back its own random state and carried task state when
+        the checkpoint has one per rank of this world; otherwise rank 0 takes
+        the one it holds and the other ranks keep drawing from their own seeds.
+        (A checkpoint that carries task state across a change of world size is
+        refused before this, by xgrad/run_dir.py.)
+        """
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.predictor is not None:
@@ -153,10 +208,26 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.history, self.elapsed_s = state["step"], state["history"], state["elapsed_s"]
         self.position = state.get("position")  # absent from checkpoints written before mid-epoch ones existed
-        checkpoint.set_rng_state(state["rng"])
+        ranks = state.get("ranks")
+        mine = ranks[self.world.rank] if ranks is not None and len(ranks) == self.world.size else None
+        if mine is not None:
+            checkpoint.set_rng_state(mine["rng"])
+            if self.position is not None:
+                self.position = self.position | {"task": mine["task"]}
+        elif self.world.main:
+            checkpoint.set_rng_state(state["rng"])
 
     def save(self, elapsed_s: float, position: dict[str, Any] | None = None) -> None:
-        """Write ``checkpoints/last.pt``: at an epoch end (no position) or mid-epoch (where in the epoch)."""
+        """Write ``checkpoints/last.pt``: at an epoch end (no position) or mid-epoch (where in the epoch).
+
+        With several ranks every rank calls this at the same point: their
+        random states and carried task states (``ranks``, in rank order) go
+        into the file, which rank 0 alone writes.
+        """
+        own = {"rng": checkpoint.rng_state(), "task": position.get("task") if position is not None else None}
+        ranks = self.world.gather(own)
+        if not self.world.main:
+            return
         checkpoint.save(
             {
                 "model": self.model.state_dict(),
@@ -164,12 +235,14 @@ class Engine:
                 "predictor": self.predictor.state_dict() if self.predictor is not None else None,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(),
-                "rng": checkpoint.rng_state(),
+                "rng": own["rng"],
                 "epoch": len(self.history),
                 "step": self.step,
                 "history": self.history,
                 "elapsed_s": elapsed_s,
                 "position": position,
+                "world_size": self.world.size,
+                **({"ranks": ranks} if self.world.size > 1 else {}),
                 **self.checkpoint_extra,
             },
             self.checkpoint_path,
@@ -215,27 +288,26 @@ class Engine:
         try:
             metrics = self._evaluate(self.data.val_batches())
             test = self._evaluate(self.data.test_batches())
-        except _EvaluationStopped:
+        except _EvaluationStopped as stopped:
             self.save(self._wall(), position=trained)  # every batch trained: the rerun evaluates, then goes on
-            raise self.stop.interrupted(f"while evaluating epoch {epoch + 1}") from None
+            raise self.stop.interrupted(f"while evaluating epoch {epoch + 1}", stopped.signal) from None
         files = {}
-        if hasattr(self.task, "on_evaluated"):
+        if hasattr(self.task, "on_evaluated") and self.world.main:
             with torch.no_grad():
                 files = self.task.on_evaluated(self.model, str(self.run_dir), epoch + 1) or {}
         if self.scheduler is not None:
             self.scheduler.step()
-        self.history.append(
-            {
-                "epoch": epoch + 1,
-                "step": self.step,
-                "lr": lr,
-                "train/loss": trained["loss_sum"] / max(trained["samples"], 1),
-                **{f"val/{k}": v for k, v in metrics.items()},
-                **{f"test/{k}": v for k, v in test.items()},
-                "time/epoch_s": time.perf_counter() - started + trained["earlier_s"],
-                "time/samples_per_s": trained["samples"] / train_s,
-            }
-        )
+        record = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "lr": lr,
+            "train/loss": trained["loss_sum"] / max(trained["samples"], 1),
+            **{f"val/{k}": v for k, v in metrics.items()},
+            **{f"test/{k}": v for k, v in test.items()},
+            "time/epoch_s": time.perf_counter() - started + trained["earlier_s"],
+            "time/samples_per_s": trained["samples"] / train_s,
+        }
+        self.history.append(self.world.from_rank_zero(lambda: record))  # rank 0's timings; the metrics agree
         self.logger.log_epoch(self.history, files)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in self.history[-1].items() if k.startswith(("train/", "val/", "test/")))
         log.info("epoch %d/%d: %s", epoch + 1, self.settings.epochs, shown)
@@ -273,30 +345,36 @@ class Engine:
 
         description = f"epoch {epoch + 1}/{self.settings.epochs}"
         with self._progress(description, total, completed=position["batch"]) as advance:
-            if self.stop.requested is not None:  # a signal before the epoch's first step
+            if (signal := self.world.stop_signal(self.stop.requested)) is not None:  # before the epoch's first step
                 self.save(self._wall(), position=now())
-                raise self.stop.interrupted(f"before batch {position['batch'] + 1} of epoch {epoch + 1}")
+                raise self.stop.interrupted(f"before batch {position['batch'] + 1} of epoch {epoch + 1}", signal)
             for batch in batches:
-                loss, n = self._step(to_device(batch, self.device, self.settings.channels_last), epoch)
+                loss, n, signal = self._step(to_device(batch, self.device, self.settings.channels_last), epoch)
                 position["batch"] += 1
                 position["loss_sum"] += loss * n
                 position["samples"] += n
                 advance(loss, n)
-                if self.stop.requested is not None:
+                if signal is not None:
                     self.save(self._wall(), position=now())
-                    raise self.stop.interrupted(f"after batch {position['batch']} of {total} in epoch {epoch + 1}")
+                    where = f"after batch {position['batch']} of {total} in epoch {epoch + 1}"
+                    raise self.stop.interrupted(where, signal)
                 if every is not None and self.step % every == 0 and position["batch"] < total:
                     self.save(self._wall(), position=now())
         return now()
 
-    def _step(self, batch: Any, epoch: int) -> tuple[float, int]:
-        """One optimizer step with the gradient taken at the predicted weights; returns (loss, samples)."""
+    def _step(self, batch: Any, epoch: int) -> tuple[float, int, int | None]:
+        """One optimizer step with the gradient taken at the predicted weights.
+
+        Returns the step's mean loss and samples over all ranks, and the stop
+        signal received (by any rank) until the step was taken, or None.
+        """
         predicted = self.predictor.predicted() if self.predictor is not None else contextlib.nullcontext()
         with predicted:
             with self._autocast():
                 loss, n = self.task.train_loss(self.forward, batch)
+            loss, step = self.world.weigh(loss, n, self.stop)
             self.scaler.scale(loss).backward()
-        value = loss.item()
+        value, n = step.totals()
         self.step += 1
         if not math.isfinite(value):
             raise TrainingFailed(f"non-finite training loss ({value}) at step {self.step} (epoch {epoch + 1})")
@@ -308,7 +386,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         if self.step % self.settings.log_every_n_steps == 0:
             self.logger.log_step(self.step, {"train/loss": value})
-        return value, n
+        return value, n, step.signal()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(self.settings.precision)
@@ -319,20 +397,20 @@ class Engine:
 
         A stop signal ends the pass at the next batch (:class:`_EvaluationStopped`).
         """
-        self.forward.eval()
-        self.task.start_epoch(self.forward, training=False)
+        self.evaluate_with.eval()
+        self.task.start_epoch(self.evaluate_with, training=False)
         limit = self.settings.limit_val_batches
         on_device = (to_device(b, self.device, self.settings.channels_last) for b in self._stoppable(islice(batches, limit)))
         with torch.no_grad(), self._autocast():
-            metrics = self.task.evaluate(self.forward, on_device)
+            metrics = self.task.evaluate(self.evaluate_with, on_device)
         if self.task.metric not in metrics:
             raise KeyError(f"{type(self.task).__name__}.evaluate returned {sorted(metrics)}, no '{self.task.metric}'")
         return metrics
 
     def _stoppable(self, batches: Iterable[Any]) -> Iterator[Any]:
         for batch in batches:
-            if self.stop.requested is not None:
-                raise _EvaluationStopped
+            if (signal := self.world.stop_signal(self.stop.requested)) is not None:
+                raise _EvaluationStopped(signal)
             yield batch
 
     @contextlib.contextmanager

@@ -10,8 +10,10 @@ Local files in the run directory (DESIGN.md, "What a run leaves behind"):
   ``reason``; ``interrupted`` (stopped by a signal after writing a checkpoint
   that the same command continues from) with a ``reason``. Keys: ``task model
   data data_variant data_sizes optimizer scheduler xgrad steps seed experiment
-  scale paper_epochs hardware metric mode best best_epoch final test test_best
-  test_final test/<name>... epochs wall_time_s status reason`` plus
+  scale paper_epochs hardware world_size backend metric mode best best_epoch
+  final test test_best test_final test/<name>... epochs wall_time_s status
+  reason`` (``world_size``: the processes that trained together, ``backend``
+  their ``torch.distributed`` backend or null for one process) plus
   ``wandb_group wandb_job_type wandb_run_id`` when W&B is on
   (:meth:`RunLogger.write_summary` says which epoch each is from).
 
@@ -269,16 +271,21 @@ class RunLogger:
 
     ``identity`` is the summary's description of the run (task, model, data,
     optimizer, xgrad, steps, seed, metric, mode, ...); the outcome keys are
-    added by :meth:`write_summary`.
+    added by :meth:`write_summary`. With ``writes=False`` (the ranks of a
+    run but rank 0) it touches no file and no W&B run, and only returns the
+    summaries it would have written.
     """
 
-    def __init__(self, run_dir: Path, identity: dict[str, Any], wandb_run: WandbRun | None = None):
+    def __init__(self, run_dir: Path, identity: dict[str, Any], wandb_run: WandbRun | None = None,
+                 writes: bool = True):  # fmt: skip
         self.run_dir = run_dir
         self.identity = identity
         self.wandb = wandb_run
+        self.writes = writes
         self.metrics_file = run_dir / "metrics.jsonl"
         self.summary_file = run_dir / "summary.json"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if writes:
+            run_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, history: list[dict[str, Any]]) -> None:
         """Make ``metrics.jsonl`` hold exactly ``history`` (the epochs a resumed checkpoint has)."""
@@ -299,6 +306,8 @@ class RunLogger:
                 self.wandb.log_images(files, step=record["step"])
 
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        if not self.writes:
+            return
         lines = "".join(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n" for r in history)
         write_atomic(self.metrics_file, lines)
 
@@ -346,7 +355,8 @@ class RunLogger:
             }
             # everything a table needs, so that `make_tables.py --wandb` reads what summary.json holds
             self.wandb.set_summary({k: v for k, v in summary.items() if not k.startswith("wandb_")})
-        write_atomic(self.summary_file, json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
+        if self.writes:
+            write_atomic(self.summary_file, json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
         return summary
 
     def finish(self, status: str) -> None:

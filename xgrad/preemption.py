@@ -30,6 +30,14 @@ hydra-submitit-launcher 1.2, and what was run here, without a SLURM cluster):
   128 + the signal's number (143), the code of a process ended by that
   signal; a cluster whose preemption mode is REQUEUE requeues the job itself,
   and the rerun continues from the checkpoint.
+
+A run on several processes (xgrad/distributed.py) stops as one: whichever
+rank receives a signal, every rank learns of it at the next step (or the next
+evaluation batch) and they stop together, rank 0 writing the one checkpoint.
+``torchrun`` forwards the SIGTERM or SIGINT it receives to every process it
+started (``--signals-to-handle`` adds SIGUSR2) and kills them
+``--shutdown-timeout`` seconds later (30 by default); under submitit every
+task receives SIGUSR2, and only the handler of rank 0 requeues the job.
 """
 
 from __future__ import annotations
@@ -92,7 +100,12 @@ class StopSignals:
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
-    def interrupted(self, where: str) -> Interrupted:
-        """The exception to raise once the checkpoint is written."""
-        assert self.requested is not None
-        return Interrupted(self.requested, where, self._previous.get(self.requested))
+    def interrupted(self, where: str, signum: int | None = None) -> Interrupted:
+        """The exception to raise once the checkpoint is written.
+
+        ``signum``: the signal the ranks of a run agreed to stop on, which this
+        process may not have received itself (default: the one it received).
+        """
+        signum = signum if signum is not None else self.requested
+        assert signum is not None
+        return Interrupted(signum, where, self._previous.get(signum))

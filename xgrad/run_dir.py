@@ -170,12 +170,13 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ the check
 
-    def check(self, cfg: DictConfig, saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    def check(self, cfg: DictConfig, saved: dict[str, Any] | None, world_size: int = 1) -> dict[str, Any] | None:
         """Refuse a start that may not train here (see the module); return the summary when the run is complete.
 
         ``saved`` is the checkpoint (:meth:`load_checkpoint`). A run that has
         already completed ``trainer.epochs`` epochs of this config is not
         trained again, with or without its checkpoint: its summary is returned.
+        ``world_size``: the processes this start trains on (xgrad/distributed.py).
         """
         record = self._record()
         if record is not None:
@@ -190,6 +191,7 @@ class RunDirectory:
         else:
             return None  # nothing has trained here
         self._same_config(before, fingerprint(cfg))
+        self._same_shares(saved, world_size)
         epochs = cfg.trainer.epochs
         if saved is not None and saved["epoch"] > epochs:
             raise RunDirRefused(
@@ -213,6 +215,23 @@ class RunDirectory:
                 "checkpoints/last.pt is gone, so there is nothing to continue from; pass a new hydra.run.dir"
             )
         return None
+
+    def _same_shares(self, saved: dict[str, Any] | None, world_size: int) -> None:
+        """Refuse to continue, on another number of processes, an epoch whose task carries state per rank.
+
+        The data a batch holds is global, so a run may resume on any number of
+        processes; but a mid-epoch checkpoint of a language model holds each
+        rank's hidden state for its own columns of the token stream, which
+        belong to that number of ranks.
+        """
+        position = saved.get("position") if saved is not None else None
+        written_by = saved.get("world_size", 1) if saved is not None else world_size
+        if position is not None and position.get("task") is not None and written_by != world_size:
+            raise RunDirRefused(
+                f"{self.checkpoint_file} was written in the middle of an epoch by {written_by} process(es), with the "
+                f"state the task carries from batch to batch split between them; continue it on {written_by} "
+                f"process(es) (this start has {world_size}), or move it away to train the run from its start"
+            )
 
     def _same_config(self, before: dict[str, Any], now: dict[str, Any]) -> None:
         before = {k: v for k, v in before.items() if not is_ignored(k)}  # recorded when RESUME_IGNORES was shorter

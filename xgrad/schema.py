@@ -118,6 +118,7 @@ class Trainer:
     log_every_n_steps: int = key(10, integer(1))
     progress: bool = key(True, BOOLEAN)
     checkpoint_every_n_steps: Optional[int] = key(None, optional(integer(1)))
+    sync_batchnorm: bool = key(False, BOOLEAN)
 
 
 @dataclass

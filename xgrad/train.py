@@ -14,6 +14,13 @@ signal's number, or lets submitit requeue it (xgrad/preemption.py). Under
 ``-m`` a refused or failed job leaves a ``failed`` summary.json with that line,
 Hydra prints the line, and the other jobs run.
 
+Started by ``torchrun`` (or as several SLURM tasks of one job), the same
+command trains one run on all the processes (xgrad/distributed.py): each
+rank checks the config (a batch size the ranks cannot share is refused), rank
+0 decides the run directory (Hydra's ``${now:...}`` may differ between
+processes by a second) and alone locks and writes it, and a start refused on
+any rank stops them all.
+
 Running the same command again with the same ``hydra.run.dir`` resumes from
 ``checkpoints/last.pt``, mid-epoch included. The run must be the same: the
 config it was started with is recorded in the run directory and compared,
@@ -24,6 +31,8 @@ unless the schedule depends on it).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -41,10 +50,11 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from xgrad import hardware, schema
+from xgrad import distributed, hardware, schema
 from xgrad.atomic import WriteFailed
 from xgrad.checkpoint import UnreadableCheckpoint
 from xgrad.data.base import DatasetMissingError
+from xgrad.distributed import Launch, RankFailed, World
 from xgrad.engine import Engine, Settings, TrainingFailed
 from xgrad.loggers import RunLogger, WandbRun
 from xgrad.preemption import Interrupted, StopSignals
@@ -58,7 +68,7 @@ log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 #: what refuses a start before training (exit status 2) ...
-REFUSALS = (ConfigError, RunDirRefused, UnreadableCheckpoint, DatasetMissingError)
+REFUSALS = (ConfigError, RunDirRefused, UnreadableCheckpoint, DatasetMissingError, RankFailed)
 #: ... and what ends a run that was training (exit status 1)
 FAILURES = (TrainingFailed, WriteFailed)
 
@@ -70,11 +80,13 @@ class JobFailed(CompactHydraException):
 # ---------------------------------------------------------------------- checks
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, where: Launch = Launch()) -> None:
     """Refuse a config that cannot run, before anything is built.
 
     A model that does not consume the data's modality first (its interpolations
-    of the data's keys could not resolve), then the schema, then the device.
+    of the data's keys could not resolve), then the schema, then the device,
+    then what the ranks of a run on several processes (``where``) cannot share.
+    Every rank refuses alike, before any of them waits for the others.
     """
     model_input, modality = OmegaConf.select(cfg, "model.input"), OmegaConf.select(cfg, "data.modality")
     if model_input != modality:
@@ -83,11 +95,28 @@ def validate(cfg: DictConfig) -> None:
             f"data={OmegaConf.select(cfg, 'data.name')} is data.modality={modality}"
         )
     schema.check(cfg)
-    resolve_device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device, where)
+    ranks = where.world_size
+    if ranks > 1 and cfg.data.batch_size % ranks:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size}: not divisible by the {ranks} processes of this run (the batch "
+            f"size is global, each process trains on an equal share of every batch); use a multiple of {ranks}"
+        )
+    if ranks > 1 and cfg.trainer.sync_batchnorm and device.type != "cuda":
+        raise ConfigError(
+            f"trainer.sync_batchnorm=true: synchronised batch norm needs CUDA devices (nccl); on the {device.type} "
+            "each process normalises over its own share of the batch"
+        )
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; a CUDA device that is not there is refused."""
+def resolve_device(name: str, where: Launch = Launch()) -> torch.device:
+    """``auto`` → cuda when available, else cpu; a CUDA device that is not there is refused.
+
+    With several processes on a node, each takes the GPU of its local rank
+    (``cuda:<LOCAL_RANK>``) among the node's GPUs it sees, or the one GPU it
+    sees when the launcher gives each process its own (SLURM's
+    ``--gpus-per-task``); naming one GPU for all of them is refused.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -100,6 +129,17 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"trainer.device={name!r}: no CUDA device is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"trainer.device={name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "cuda" and where.world_size > 1:
+        if device.index is not None:
+            raise ConfigError(f"trainer.device={name!r}: each of the {where.world_size} processes trains on the GPU "
+                              "of its local rank; use trainer.device=cuda or auto")  # fmt: skip
+        visible = torch.cuda.device_count()
+        if visible == 1:
+            return torch.device("cuda", 0)
+        if where.local_rank >= visible:
+            raise ConfigError(f"trainer.device={name!r}: local rank {where.local_rank} has no GPU of its own "
+                              f"({visible} are visible); start at most that many processes per node")  # fmt: skip
+        return torch.device("cuda", where.local_rank)
     return device
 
 
@@ -208,14 +248,20 @@ def requested(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def describe(cfg: DictConfig, task: Any, data: Any, device: torch.device) -> dict[str, Any]:
-    """What summary.json says the run is (the outcome is added by the logger)."""
+def describe(cfg: DictConfig, task: Any, data: Any, device: torch.device, world: World) -> dict[str, Any]:
+    """What summary.json says the run is (the outcome is added by the logger).
+
+    ``hardware`` is one process's device; ``world_size`` says how many
+    processes trained together, over ``backend`` (None for one process).
+    """
     return {
         "task": type(task).__name__,
         **requested(cfg),
         "data_variant": data.variant,
         "data_sizes": data.sizes(),
         "hardware": hardware.describe(device),
+        "world_size": world.size,
+        "backend": world.backend,
         "metric": task.metric,
         "mode": task.mode,
     }
@@ -236,7 +282,8 @@ def start_wandb(cfg: DictConfig, run_dir: Path, identity: dict[str, Any], run_id
         job_type=job_type,
         name=f"{group}-{job_type}" + (f"-s{steps}" if steps > 0 else ""),
         tags=[tag for tag in (identity["experiment"], f"s={steps}") if tag],
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config={**OmegaConf.to_container(cfg, resolve=True),
+                "world_size": identity["world_size"], "backend": identity["backend"]},  # fmt: skip
         run_id=run_id,
     )
 
@@ -255,6 +302,16 @@ def settings(trainer: DictConfig) -> Settings:
     )
 
 
+def share_batches(data: Any, world: World) -> None:
+    """Make the data module hand this rank only its share of every training batch (xgrad/data/base.py)."""
+    if world.size == 1:
+        return
+    if not hasattr(data, "shard"):
+        raise ConfigError(f"data={type(data).__name__}: this data module cannot share its batches between the "
+                          f"{world.size} processes of this run (it has no shard method)")  # fmt: skip
+    data.shard(world.rank, world.size)
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one composed config into ``run_dir`` (default: Hydra's output dir); return the summary.
 
@@ -262,23 +319,48 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     its record and checkpoint are checked against the config, then everything
     is built; only then is anything written (but the lock file), so a refused
     start leaves the directory as it was. The lock is held until the run ends.
+
+    With several ranks (xgrad/distributed.py), rank 0 decides the directory,
+    locks, checks and writes it; the others read its checkpoint once rank 0
+    has accepted it. A rank that refuses or fails to start stops every rank.
     """
-    validate(cfg)
-    run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
+    where = distributed.launch()
+    validate(cfg, where)
     trainer = cfg.trainer
-    device = resolve_device(trainer.device)
-    with RunDirectory(run_dir) as directory:
-        saved = directory.load_checkpoint()
-        if (done := directory.check(cfg, saved)) is not None:
+    device = resolve_device(trainer.device, where)
+    world = distributed.start(where, device)
+    here = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
+    run_dir = world.from_rank_zero(lambda: here)  # Hydra's ${now:...} may have named another second on another rank
+    directory = RunDirectory(run_dir)
+    with contextlib.ExitStack() as held:
+        found: dict[str, Any] = {}
+
+        def examine() -> tuple[bool, dict[str, Any] | None]:
+            held.enter_context(directory)  # the lock, until the run ends
+            found["saved"] = directory.load_checkpoint()
+            return found["saved"] is not None, directory.check(cfg, found["saved"], world.size)
+
+        resumes, done = world.from_rank_zero(examine)
+        if done is not None:
             log.info("%s has completed its %s epochs: nothing to train", run_dir, done["epochs"])
             return done
+
+        def checkpoint_to_resume() -> dict[str, Any] | None:
+            if world.main:
+                return found["saved"]
+            return directory.load_checkpoint() if resumes else None  # the file rank 0 has checked, under its lock
+
+        saved = world.on_every_rank(checkpoint_to_resume)
         if trainer.num_threads is not None:
             torch.set_num_threads(trainer.num_threads)
         seed_everything(cfg.seed, trainer.deterministic)
         data = build(cfg.data.module)
+        share_batches(data, world)
         model = build(cfg.model.net).to(device)
         if trainer.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if trainer.sync_batchnorm and world.size > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, in new modules
         task = build(cfg.model.task, data)
         # optimizer and scheduler nodes are partial (`_partial_: true`): called here with what they act on
         optimizer = call(f"optimizer={cfg.optimizer.name}", build(constructor(cfg.optimizer), _convert_="all"),
@@ -288,37 +370,50 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if "_target_" in cfg.scheduler:
             scheduler = call(f"scheduler={cfg.scheduler.name}", build(constructor(cfg.scheduler), _convert_="all"),
                              optimizer)  # fmt: skip
-        identity = describe(cfg, task, data, device)
+        identity = describe(cfg, task, data, device, world)
+        # evaluation runs the model itself (every rank evaluates the whole split); training runs it under DDP
+        evaluate = torch.compile(model) if trainer.compile else model
+        forward = evaluate
+        if world.size > 1:
+            forward = world.wrap(model, device)  # rank 0's weights on every rank
+            forward = torch.compile(forward) if trainer.compile else forward
+            if not world.main:  # rank 0 draws on as one process would; the others draw apart (dropout masks)
+                seed_everything(distributed.rank_seed(cfg.seed, world.rank), trainer.deterministic)
 
-        directory.accept(cfg)
+        world.from_rank_zero(lambda: directory.accept(cfg))
         wandb_run = None
-        if cfg.logger.name == "wandb":
+        if cfg.logger.name == "wandb" and world.main:
             wandb_run = start_wandb(cfg, run_dir, identity, saved["wandb_id"] if saved else None)
-        logger = RunLogger(run_dir, identity, wandb_run)
+        logger = RunLogger(run_dir, identity, wandb_run, writes=world.main)
         with StopSignals() as stop:
             try:
                 engine = Engine(
                     model=model,
-                    forward=torch.compile(model) if trainer.compile else model,
+                    forward=forward,
+                    evaluate=evaluate,
                     task=task,
                     data=data,
                     optimizer=optimizer,
                     predictor=predictor,
                     scheduler=scheduler,
                     device=device,
-                    settings=settings(trainer),
+                    settings=dataclasses.replace(settings(trainer), progress=trainer.progress and world.main),
                     seed=cfg.seed,
                     run_dir=run_dir,
                     logger=logger,
                     checkpoint_extra={"config": fingerprint(cfg), "wandb_id": wandb_run.id if wandb_run else None},
                     stop=stop,
+                    world=world,
                 )
                 if saved is not None:
                     engine.load(saved)
                     log.info("resuming %s after epoch %d", run_dir, saved["epoch"])
                 summary = engine.fit()
             except Interrupted:
-                logger.finish("interrupted")
+                try:
+                    logger.finish("interrupted")
+                finally:  # every rank leaves once rank 0 has written: a launcher stops the others when one exits
+                    world.barrier()
                 raise
             except BaseException:
                 logger.finish("failed")
@@ -345,7 +440,7 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(stopped.exit_code) from None
     except REFUSALS + FAILURES as error:
         refused = isinstance(error, REFUSALS)
-        if multirun and refused:  # a failed training run has written its own summary
+        if multirun and refused and distributed.launch().rank == 0:  # a failed run has written its own summary
             record_refusal(Path(HydraConfig.get().runtime.output_dir), requested(cfg), f"refused: {error}")
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -20,6 +20,7 @@ RESUME_IGNORES = (
     "trainer.progress",
     "trainer.log_every_n_steps",
     "trainer.checkpoint_every_n_steps",
+    "trainer.sync_batchnorm",  # how the ranks normalise, like how many ranks there are, may change between sessions
     "logger",
     "data.root",
 )

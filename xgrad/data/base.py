@@ -6,6 +6,12 @@ the engine moves them to the device). Training order depends only on the
 run's seed and the epoch, so a run resumed at an epoch boundary sees exactly
 the batches an uninterrupted run would have seen.
 
+A run on several processes (xgrad/distributed.py) keeps the batches global:
+each rank calls :meth:`DataModule.shard` once, after which its training
+batches are its own share of the very batches one process would draw, so the
+ranks together train on exactly what one process trains on. Evaluation splits
+are not shared: every rank evaluates them whole.
+
 Every dataset has three disjoint splits: training, validation (which picks
 the epoch a run is judged at) and test (what the tables report at that
 epoch), so the test set never chooses anything.
@@ -35,6 +41,14 @@ class DataModule(Protocol):
 
     def num_train_batches(self) -> int:
         """Batches in one training epoch (for progress bars and schedulers)."""
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """From now on, hand out rank ``rank``'s share (of ``world_size`` disjoint ones) of every training batch.
+
+        Every rank must get a share of every batch (DDP steps them together):
+        an epoch's last batch, when it holds fewer samples than there are
+        ranks, is left out on every rank.
+        """
 
 
 class DatasetMissingError(FileNotFoundError):

@@ -53,8 +53,15 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(means), tuple(stds)
 
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad each image by ``padding`` pixels and cut it back to its size at a random offset.
+def draw_crops(count: int, padding: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random offsets ``(dy, dx)`` in ``[0, 2·padding]`` for ``count`` images (see :func:`crop`)."""
+    dy = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
+    return dy, dx
+
+
+def crop(images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Zero-pad each image by ``padding`` pixels and cut it back to its size at its offset ``(dy, dx)``.
 
     The usual CIFAR augmentation (torchvision's ``RandomCrop(size, padding)``),
     with an independent offset per image, done for the whole batch with one
@@ -62,8 +69,6 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     """
     b, c, h, w = images.shape
     padded = F.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # [B, 1, H, 1]
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # [B, 1, 1, W]
     batch = torch.arange(b)[:, None, None, None]
@@ -71,10 +76,14 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     return padded[batch, channel, rows, cols]
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+def draw_mirrors(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Which of ``count`` images to mirror: each with probability 1/2."""
+    return torch.rand(count, generator=generator) < 0.5
+
+
+def mirror(images: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images where ``mirrored`` is true."""
+    return torch.where(mirrored[:, None, None, None], images.flip(-1), images)
 
 
 class ImageDataModule:
@@ -96,6 +105,11 @@ class ImageDataModule:
     Batches are ``(images float32 [B, C, H, W], labels int64 [B])`` with
     images normalised as ``(pixel / 255 - mean) / std``. Training order and
     augmentation are drawn from a generator seeded by ``(seed, epoch)``.
+
+    Shared between ranks (:meth:`shard`), a rank's training batch is every
+    ``world_size``-th image of the global batch from its rank on, augmented
+    with the offsets and flips drawn for the global batch: every rank draws
+    the same numbers as one process and applies its own rows of them.
     """
 
     def __init__(
@@ -121,6 +135,7 @@ class ImageDataModule:
         self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         self._std = torch.tensor(self.std).view(1, -1, 1, 1)
         self.crop_padding, self.flip = crop_padding, flip
+        self.rank, self.world_size = 0, 1
 
     @staticmethod
     def _tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,18 +149,27 @@ class ImageDataModule:
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float().div_(255) - self._mean).div_(self._std)
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Hand out rank ``rank``'s rows of every training batch from now on (see the class docstring)."""
+        self.rank, self.world_size = rank, world_size
+
     def train_batches(self, epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.train
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
         order = torch.randperm(len(images), generator=generator)
+        mine = slice(self.rank, None, self.world_size)
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
-            batch = images[index]
-            if self.crop_padding:
-                batch = random_crop(batch, self.crop_padding, generator)
-            if self.flip:
-                batch = random_flip(batch, generator)
-            yield self._normalise(batch), labels[index]
+            if len(index) < self.world_size:  # an epoch's last batch, too small to give every rank an image
+                break
+            offsets = draw_crops(len(index), self.crop_padding, generator) if self.crop_padding else None
+            mirrored = draw_mirrors(len(index), generator) if self.flip else None
+            batch = images[index[mine]]
+            if offsets is not None:
+                batch = crop(batch, self.crop_padding, offsets[0][mine], offsets[1][mine])
+            if mirrored is not None:
+                batch = mirror(batch, mirrored[mine])
+            yield self._normalise(batch), labels[index[mine]]
 
     def _in_order(self, split: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = split
@@ -163,4 +187,5 @@ class ImageDataModule:
         return {"train": len(self.train[1]), "val": len(self.val[1]), "test": len(self.test[1]), "unit": "images"}
 
     def num_train_batches(self) -> int:
-        return -(-len(self.train[0]) // self.batch_size)
+        batches, last = divmod(len(self.train[0]), self.batch_size)
+        return batches + (last >= self.world_size)  # a last batch smaller than the ranks is left out

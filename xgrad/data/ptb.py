@@ -22,6 +22,11 @@ token. The windows come in order and are never shuffled: the language-model
 task carries the LSTM's hidden state from one window to the next, which only
 makes sense if window k+1 continues window k. The window length is fixed
 (AWD-LSTM draws a random length around ``bptt``; this project does not).
+
+Shared between the ranks of a run (:meth:`PennTreebank.shard`), the columns
+are: rank r trains on columns r, r + world_size, ... of every window. Each
+column is a stream of its own, so each rank carries the hidden state of its
+columns, and the ranks together train on exactly the one-process windows.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class PennTreebank:
         self.ids = {split: torch.tensor([self.vocab.get(word, unk) for word in toks], dtype=torch.long)
                     for split, toks in tokens.items()}
         self.bptt = bptt
+        self.rank, self.world_size = 0, 1
         self.train = batchify(self.ids["train"], batch_size)
         self.valid = batchify(self.ids["valid"], eval_batch_size)
         self.test = batchify(self.ids["test"], eval_batch_size)
@@ -132,9 +138,13 @@ class PennTreebank:
                 raise ValueError(f"PTB {split} split has {self.ids[split].numel()} tokens: too few for "
                                  f"{stream.size(1)} columns of at least two tokens (lower the batch size)")
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Hand out rank ``rank``'s columns of every training window from now on (see the module docstring)."""
+        self.rank, self.world_size = rank, world_size
+
     def train_batches(self, epoch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The training windows in corpus order, every epoch (the hidden state is carried across them)."""
-        return bptt_windows(self.train, self.bptt)
+        return bptt_windows(self.train[:, self.rank :: self.world_size].contiguous(), self.bptt)
 
     def val_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return bptt_windows(self.valid, self.bptt)

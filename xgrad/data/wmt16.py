@@ -36,9 +36,11 @@ Training batches: pairs with an empty side or more than ``max_len`` pieces on
 either side are dropped; each epoch shuffles the pairs with a generator seeded
 by ``(seed, epoch)``, sorts them by source length within windows of
 ``sort_batches`` batches (so a batch holds sentences of similar length and
-little padding) and shuffles the order of the batches. Valid and test keep
-every sentence, in file order, so that BLEU is computed on the whole test set
-and "the first N sentences" means the same N every time.
+little padding) and shuffles the order of the batches. Shared between the
+ranks of a run (:meth:`WMT16EnDe.shard`), rank r takes pairs r, r + world_size,
+... of each batch, which splits the batch's lengths, and so its work, evenly.
+Valid and test keep every sentence, in file order, so that BLEU is computed on
+the whole test set and "the first N sentences" means the same N every time.
 """
 
 from __future__ import annotations
@@ -203,6 +205,7 @@ class WMT16EnDe:
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(model))
         self.splits = {split: encode_split(self.tokenizer, model, self.root, split) for split in SPLITS}
         self.batch_size, self.eval_batch_size, self.sort_batches = batch_size, eval_batch_size, sort_batches
+        self.rank, self.world_size = 0, 1
         #: what was read (summary.json's ``data_variant``)
         self.variant = NAME
 
@@ -249,11 +252,17 @@ class WMT16EnDe:
             chunk = chunk[np.argsort(src_len[chunk], kind="stable")]
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         for b in rng.permutation(len(batches)):
-            yield self._batch("train", batches[b])
+            if len(batches[b]) >= self.world_size:  # an epoch's last batch may be too small to give every rank a pair
+                yield self._batch("train", batches[b][self.rank :: self.world_size])
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Hand out rank ``rank``'s pairs of every training batch from now on (see the module docstring)."""
+        self.rank, self.world_size = rank, world_size
 
     def num_train_batches(self) -> int:
         # every window but the last holds whole batches, so this matches train_batches exactly
-        return -(-len(self.train_rows) // self.batch_size)
+        batches, last = divmod(len(self.train_rows), self.batch_size)
+        return batches + (last >= self.world_size)
 
     def _eval_batches(self, split: str) -> list[dict[str, torch.Tensor]]:
         rows = np.arange(len(self.splits[split]["src_offsets"]) - 1)
