@@ -562,6 +562,16 @@ def test_a_swept_value_makes_cells_of_its_own_never_duplicates(tmp_path):
     assert len({p.name for p in (tmp_path / "plots").glob("fashion_mnist-lenet-adam-*.png")}) == 3  # one per cell
 
 
+def test_runs_of_several_ranks_say_so_in_the_hardware_column(tmp_path):
+    for seed in range(3):
+        for xgrad in (False, True):
+            folder = tmp_path / f"{xgrad}{seed}"
+            summary = write_run(folder, xgrad=xgrad, seed=seed)
+            (folder / "summary.json").write_text(json.dumps(summary | {"world_size": 2, "backend": "gloo"}))
+    [row] = table_rows(make_tables.main([str(tmp_path), "--out", str(tmp_path / "ddp.md")]))
+    assert row["hardware"] == "cpu × 2 ranks (gloo)"
+
+
 def test_the_renderer_escapes_pipes_and_does_not_pad_rows():
     import pandas as pd
 

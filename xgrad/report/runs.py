@@ -90,6 +90,9 @@ class Run:
     test_curve: list[tuple[int, float]] = field(default_factory=list)
     #: what the run trains, as dotted keys (xgrad.trained_config); empty when nothing recorded it
     config: dict = field(default_factory=dict)
+    #: processes that trained the run together (DDP) and their backend; 1 and None for one process
+    world_size: int = 1
+    backend: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -98,6 +101,13 @@ class Run:
             self.status == "completed" and self.best is not None and self.metric is not None
             and self.mode in ("max", "min")
         )  # fmt: skip
+
+    @property
+    def where(self) -> str | None:
+        """The hardware, and the ranks when several processes trained the run."""
+        if self.world_size > 1:
+            return f"{self.hardware} × {self.world_size} ranks ({self.backend})"
+        return self.hardware
 
     @property
     def arm(self) -> str:
@@ -411,6 +421,8 @@ def _from_summary(path: Path, summary: dict) -> Run:
         data_variant=summary.get("data_variant"),
         data_sizes=_sizes(summary.get("data_sizes")),
         paper_epochs=_integer(summary.get("paper_epochs")),
+        world_size=_integer(summary.get("world_size")) or 1,
+        backend=summary.get("backend"),
     )
 
 
@@ -499,6 +511,8 @@ def _from_wandb(run) -> Run:
         data_variant=summary.get("data_variant"),
         data_sizes=_sizes(summary.get("data_sizes")),
         paper_epochs=_integer(summary.get("paper_epochs")),
+        world_size=_integer(summary.get("world_size")) or 1,
+        backend=summary.get("backend"),
         config=what_it_trains(dict(config)),
     )
     if metric is not None:  # the curve: convergence speed and the area under it need every epoch

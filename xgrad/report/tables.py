@@ -163,7 +163,7 @@ def _row(row: Comparison) -> list[str]:
         interval(row.auc) if row.auc else "—", row.auc.verdict if row.auc else "—",
         distinct(run.epochs for run in everyone),
         f"{_mean(r.wall_time_s for r in base_runs)} / {_mean(r.wall_time_s for r in xgrad_runs)}",
-        distinct(run.scale for run in everyone), distinct(run.hardware for run in everyone),
+        distinct(run.scale for run in everyone), distinct(run.where for run in everyone),
     ]  # fmt: skip
 
 
