@@ -379,13 +379,16 @@ def test_resuming_with_another_config_is_refused(train_run, tmp_path):
     assert summary(run_dir)["status"] == "completed"  # the earlier run's result is left alone
 
 
-def test_a_non_finite_loss_fails_the_run_at_its_step(train_run, monkeypatch, tmp_path):
+@pytest.mark.parametrize(("every", "steps"), [(10, "steps 1-2"), (1, "step 2")])
+def test_a_non_finite_loss_fails_the_run_naming_the_steps_read(train_run, monkeypatch, tmp_path, every, steps):
+    """The loss is read every log_every_n_steps steps and at the epoch's end: the failure names the steps since
+    the last read (with reads after every step, the very step)."""
     fail_at_step(monkeypatch, 2)
     run_dir = tmp_path / "run"
-    with pytest.raises(TrainingFailed, match="non-finite training loss .* at step 2"):
-        train_run(f"hydra.run.dir={run_dir}", *SMALL)
+    with pytest.raises(TrainingFailed, match=rf"non-finite training loss \(nan\) at {steps} \(epoch 1;"):
+        train_run(f"hydra.run.dir={run_dir}", f"trainer.log_every_n_steps={every}", *SMALL)
     result = summary(run_dir)
-    assert result["status"] == "failed" and "step 2" in result["reason"]
+    assert result["status"] == "failed" and steps in result["reason"]
     assert not (run_dir / "checkpoints" / "last.pt").exists()
 
 

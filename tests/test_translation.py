@@ -199,6 +199,7 @@ def test_loss_is_label_smoothed_cross_entropy_over_real_tokens(data):
     assert logits.shape == (batch["src"].size(0), batch["tgt"].size(1) - 1, VOCAB)
 
     loss, n = task.train_loss(model, batch)
+    n = int(n)  # counted on the batch's device: the engine reads it only with the loss
     assert n == int((batch["tgt_len"] - 1).sum())
     # label smoothing written out: (1 - ε) · NLL + ε · mean over the vocabulary of -log p, per real token
     log_p = torch.log_softmax(logits.detach(), dim=-1)

@@ -88,31 +88,38 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 class Step:
-    """One optimizer step over every rank: its mean loss and samples, and the stop signal the ranks agree on.
+    """One optimizer step over every rank, as the engine accumulates it without reading it.
 
-    Read after the backward pass: the totals wait for the device (once, as
-    ``loss.item()`` does).
+    ``loss_sum`` is the step's mean loss times its samples, summed over the
+    ranks (float64, on the loss's device); ``samples`` the samples summed over
+    the ranks (an int counted on the host, or a tensor on the device when the
+    task counts them there, e.g. target tokens, or when several ranks' counts
+    were gathered). Neither is read here: the engine adds them up on the device
+    and reads the sums every ``log_every_n_steps`` steps.
     """
 
-    def __init__(self, loss: torch.Tensor, samples: int, stop: Any, gathered: torch.Tensor | None = None):
-        self._loss, self._samples, self._stop, self._gathered = loss, samples, stop, gathered
-        self._rows: list[list[float]] | None = None
+    def __init__(self, loss_sum: torch.Tensor, samples: int | torch.Tensor, stop: Any,
+                 signals: torch.Tensor | None = None):  # fmt: skip
+        self.loss_sum, self.samples = loss_sum, samples
+        self._stop, self._signals = stop, signals
 
-    def totals(self) -> tuple[float, int]:
-        """The mean loss over every rank's samples, and their number."""
-        if self._gathered is None:  # one process: its own loss
-            return self._loss.item(), self._samples
-        self._rows = self._gathered.tolist()  # [loss · samples, samples, signal] per rank, in rank order
-        samples = sum(row[1] for row in self._rows)
-        return sum(row[0] for row in self._rows) / samples, int(samples)
+    def signal(self, wait: bool = False) -> int | None:
+        """The signal to stop on, or None.
 
-    def signal(self) -> int | None:
-        """The signal to stop on: the first rank's that had received one when the ranks exchanged their
-        totals (one process: whatever it has received until now), or None."""
-        if self._gathered is None:
+        One process: whatever it has received until now (a host value, free
+        to read after every step). Several: the first rank's that had received
+        one when the ranks exchanged their totals. Those were gathered on the
+        loss's device, so on a GPU reading them waits for the device: there
+        they are read only when ``wait`` is true (the engine's reads, every
+        ``log_every_n_steps`` steps and at the epoch's end, the same steps on
+        every rank), and None is returned otherwise. On the CPU (gloo) they
+        are read after every step, as one process reads its own.
+        """
+        if self._signals is None:
             return self._stop.requested
-        rows = self._rows if self._rows is not None else self._gathered.tolist()
-        return next((int(row[2]) for row in rows if row[2]), None)
+        if self._signals.device.type != "cpu" and not wait:
+            return None
+        return next((int(value) for value in self._signals.tolist() if value), None)
 
 
 class World:
@@ -194,29 +201,32 @@ class World:
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    def weigh(self, loss: torch.Tensor, samples: int, stop: Any) -> tuple[torch.Tensor, Step]:
+    def weigh(self, loss: torch.Tensor, samples: int | torch.Tensor, stop: Any) -> tuple[torch.Tensor, Step]:
         """The loss this rank back-propagates, and the step over every rank (``stop``: this rank's StopSignals).
 
-        Each rank's loss is the mean over its own ``samples``; DDP averages the
-        ranks' gradients. Weighted by ``world size · samples / all samples``,
-        that average is the gradient of the mean over the whole global batch,
-        as one process computes it, also where the shares differ in size (the
-        tokens of sentence pairs, an epoch's last batch). Equal shares weigh 1.
+        Each rank's loss is the mean over its own ``samples`` (an int, or a
+        0-dim tensor on the device); DDP averages the ranks' gradients.
+        Weighted by ``world size · samples / all samples``, that average is the
+        gradient of the mean over the whole global batch, as one process
+        computes it, also where the shares differ in size (the tokens of
+        sentence pairs, an epoch's last batch). Equal shares weigh 1.
 
         One all-gather of three numbers per rank, on the loss's device (no
-        host synchronisation before the backward pass), carries the weights,
-        the totals to log and whether a rank has received a stop signal, so
-        that every rank stops after the same step.
+        host synchronisation), carries the weights, the totals the engine
+        accumulates and whether a rank has received a stop signal, so that
+        every rank stops after the same step.
         """
-        if self.size == 1:
-            return loss, Step(loss, samples, stop)
         wide = loss.detach().double()
-        mine = torch.stack([wide * samples, wide.new_full((), samples), wide.new_full((), stop.requested or 0)])
+        if self.size == 1:
+            return loss, Step(wide * samples, samples, stop)
+        count = wide.new_full((), samples) if isinstance(samples, int) else samples.double()
+        mine = torch.stack([wide * count, count, wide.new_full((), stop.requested or 0)])
         parts = [torch.empty_like(mine) for _ in range(self.size)]
         dist.all_gather(parts, mine)
         gathered = torch.stack(parts)
-        weight = samples * self.size / gathered[:, 1].sum()
-        return loss * weight.to(loss.dtype), Step(loss, samples, stop, gathered)
+        everyone = gathered[:, 1].sum()
+        weight = count * self.size / everyone
+        return loss * weight.to(loss.dtype), Step(gathered[:, 0].sum(), everyone, stop, gathered[:, 2])
 
     def stop_signal(self, requested: int | None) -> int | None:
         """The stop signal every rank acts on: the first rank's that has received one (None: none has)."""

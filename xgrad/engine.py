@@ -90,9 +90,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from xgrad import checkpoint
-from xgrad.distributed import World
+from xgrad.distributed import Step, World
 from xgrad.loggers import RunLogger
 from xgrad.preemption import Interrupted, StopSignals
+from xgrad.running_loss import RunningLoss
 
 log = logging.getLogger(__name__)
 
@@ -344,29 +345,53 @@ class Engine:
             return position | {"train_s": earlier + time.perf_counter() - started, "task": carried}
 
         description = f"epoch {epoch + 1}/{self.settings.epochs}"
-        with self._progress(description, total, completed=position["batch"]) as advance:
+        running = RunningLoss(position["loss_sum"], position["samples"], self.step)
+        with self._progress(description, total, position["batch"], position["samples"]) as progress:
             if (signal := self.world.stop_signal(self.stop.requested)) is not None:  # before the epoch's first step
                 self.save(self._wall(), position=now())
                 raise self.stop.interrupted(f"before batch {position['batch'] + 1} of epoch {epoch + 1}", signal)
             for batch in batches:
-                loss, n, signal = self._step(to_device(batch, self.device, self.settings.channels_last), epoch)
+                step = self.train_step(to_device(batch, self.device, self.settings.channels_last))
+                running.add(step)
                 position["batch"] += 1
-                position["loss_sum"] += loss * n
-                position["samples"] += n
-                advance(loss, n)
+                checkpoint_due = every is not None and self.step % every == 0 and position["batch"] < total
+                read_due = self.step % self.settings.log_every_n_steps == 0 or checkpoint_due
+                signal = step.signal(wait=read_due)
+                if read_due or signal is not None:  # a checkpoint never holds a loss that was not checked
+                    self._read(running, position, epoch, progress)
+                progress.advance()
                 if signal is not None:
                     self.save(self._wall(), position=now())
                     where = f"after batch {position['batch']} of {total} in epoch {epoch + 1}"
                     raise self.stop.interrupted(where, signal)
-                if every is not None and self.step % every == 0 and position["batch"] < total:
+                if checkpoint_due:
                     self.save(self._wall(), position=now())
+            if running.unread:
+                self._read(running, position, epoch, progress)
         return now()
 
-    def _step(self, batch: Any, epoch: int) -> tuple[float, int, int | None]:
-        """One optimizer step with the gradient taken at the predicted weights.
+    def _read(self, running: RunningLoss, position: dict[str, Any], epoch: int, progress: _Bar) -> None:
+        """Read the running loss (one wait for the device): fail on a non-finite one, else log it and show it."""
+        reading = running.read()
+        if not math.isfinite(reading.loss_sum):
+            steps = f"step {reading.last_step}" if reading.first_step == reading.last_step else \
+                f"steps {reading.first_step}-{reading.last_step}"
+            raise TrainingFailed(f"non-finite training loss ({reading.loss_sum / reading.samples}) at {steps} (epoch "
+                                 f"{epoch + 1}; the loss is read every trainer.log_every_n_steps="
+                                 f"{self.settings.log_every_n_steps} steps)")  # fmt: skip
+        position["loss_sum"], position["samples"] = reading.loss_sum, reading.samples
+        if reading.last_step % self.settings.log_every_n_steps == 0:
+            self.logger.log_step(reading.last_step, {"train/loss": reading.window_loss})
+        progress.show(reading.window_loss, reading.samples)
 
-        Returns the step's mean loss and samples over all ranks, and the stop
-        signal received (by any rank) until the step was taken, or None.
+    def train_step(self, batch: Any) -> Step:
+        """One optimizer step on ``batch`` (already on the device): the gradient at θ̂, the update of θ.
+
+        Reads no value off the device, so on a GPU the host queues the next
+        step while this one computes. Returns the step over every rank: its
+        loss and samples, to be added up (:class:`xgrad.running_loss.RunningLoss`),
+        and the stop signal the ranks agree on. The entry point's loop, the
+        overhead and the throughput benchmarks all step through here.
         """
         predicted = self.predictor.predicted() if self.predictor is not None else contextlib.nullcontext()
         with predicted:
@@ -374,19 +399,14 @@ class Engine:
                 loss, n = self.task.train_loss(self.forward, batch)
             loss, step = self.world.weigh(loss, n, self.stop)
             self.scaler.scale(loss).backward()
-        value, n = step.totals()
         self.step += 1
-        if not math.isfinite(value):
-            raise TrainingFailed(f"non-finite training loss ({value}) at step {self.step} (epoch {epoch + 1})")
         if self.settings.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.step % self.settings.log_every_n_steps == 0:
-            self.logger.log_step(self.step, {"train/loss": value})
-        return value, n, step.signal()
+        return step
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(self.settings.precision)
@@ -414,8 +434,8 @@ class Engine:
             yield batch
 
     @contextlib.contextmanager
-    def _progress(self, description: str, total: int, completed: int = 0) -> Iterator:
-        """A rich progress bar for one epoch; yields ``advance(loss, samples)``."""
+    def _progress(self, description: str, total: int, completed: int, samples: int) -> Iterator[_Bar]:
+        """A rich progress bar for one epoch: advanced every batch, its loss and rate shown at each read."""
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -426,11 +446,20 @@ class Engine:
         )
         with Progress(*columns, disable=not self.settings.progress) as progress:
             bar = progress.add_task(description, total=total, completed=completed, loss=float("nan"), rate=0.0)
-            started, seen = time.perf_counter(), 0
+            yield _Bar(progress, bar, samples)
 
-            def advance(loss: float, samples: int) -> None:
-                nonlocal seen
-                seen += samples
-                progress.update(bar, advance=1, loss=loss, rate=seen / (time.perf_counter() - started))
 
-            yield advance
+class _Bar:
+    """One epoch's progress bar: ``advance()`` per batch (host only), ``show(loss, samples)`` at each read."""
+
+    def __init__(self, progress: Progress, bar: Any, samples: int):
+        self._progress, self._bar = progress, bar
+        self._started, self._samples = time.perf_counter(), samples
+
+    def advance(self) -> None:
+        self._progress.update(self._bar, advance=1)
+
+    def show(self, loss: float, samples: int) -> None:
+        """The mean loss since the last read; the epoch's samples per second in this session."""
+        rate = (samples - self._samples) / max(time.perf_counter() - self._started, 1e-9)
+        self._progress.update(self._bar, loss=loss, rate=rate)

@@ -30,8 +30,14 @@ class Task(Protocol):
     def start_epoch(self, model: nn.Module, training: bool) -> None:
         """Reset per-pass state (a language model's carried hidden state)."""
 
-    def train_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
-        """The scalar loss to back-propagate and the number of samples it covers."""
+    def train_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """The scalar loss to back-propagate and the number of samples it covers.
+
+        The number is an int when the batch's shape says it (images, tokens of
+        a window), or a 0-dim integer tensor on the batch's device when it
+        must be counted there (the target tokens of padded sentences): the
+        engine reads neither after each step, so no step waits for the device.
+        """
 
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
         """Metrics over a whole pass, keys without the ``val/`` prefix.

@@ -67,11 +67,15 @@ class TranslationTask:
         logits = model(batch["src"], batch["src_len"], tgt[:, :-1])
         return logits.flatten(0, 1), tgt[:, 1:].flatten()
 
-    def train_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Mean label-smoothed cross entropy per target token, and the number of target tokens."""
+    def train_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean label-smoothed cross entropy per target token, and the number of target tokens.
+
+        The count stays a tensor on the batch's device: reading it would make
+        the host wait for the device at every step.
+        """
         logits, targets = self._logits_and_targets(model, batch)
         loss = F.cross_entropy(logits, targets, ignore_index=self.data.pad_id, label_smoothing=self.label_smoothing)
-        return loss, int((targets != self.data.pad_id).sum())
+        return loss, (targets != self.data.pad_id).sum()
 
     def translate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[list[int]]:
         """Piece ids of each source sentence's translation (no BOS/EOS), by the configured decoding.
