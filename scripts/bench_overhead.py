@@ -6,9 +6,10 @@
 
 Arguments are Hydra overrides of ``conf/config.yaml`` with ``experiment=overhead``.
 For each cell and optimizer both arms, the baseline and XGrad (s = 1), are built
-in this process from the same config and seed, and one iteration is the
-engine's own optimizer step (``Engine._step``: predict, forward and backward,
-restore, clip, step) on a batch already on the device:
+in this process from the same config and seed by the entry point's own
+:func:`xgrad.builder.build_run`, and one iteration is the engine's own
+optimizer step (:meth:`xgrad.engine.Engine.train_step`: predict, forward and
+backward, restore, clip, step) on a batch already on the device:
 
 - time: after ``warmup`` steps each, the arms run ``rounds`` blocks of
   ``iterations`` steps in alternation (so drifts of clock speed or load hit both
@@ -38,12 +39,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from xgrad.data.base import DatasetMissingError
 from xgrad import hardware
+from xgrad.builder import build, build_run, place_data, uses_channels_last
+from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, to_device
 from xgrad.loggers import RunLogger
 from xgrad.report.tables import markdown_table
-from xgrad.train import CONF_DIR, build, build_predictor, constructor, resolve_device, seed_everything, settings
+from xgrad.train import CONF_DIR, resolve_device
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -82,8 +84,10 @@ def measure(cfg: DictConfig, plan: DictConfig) -> dict:
     """One cell and optimizer: both arms' time per step (ms) and, on CUDA, peak memory (MB)."""
     device = resolve_device(cfg.trainer.device)
     data = build(cfg.data.module)
+    place_data(data, cfg, device)
     stream = cycle(data.train_batches(0, cfg.seed))  # repeats the batches if the split has too few
-    batches = [to_device(b, device, cfg.trainer.channels_last) for b in islice(stream, plan.warmup + plan.iterations)]
+    channels_last = uses_channels_last(cfg, device)
+    batches = [to_device(b, device, channels_last) for b in islice(stream, plan.warmup + plan.iterations)]
     warmup, timed = batches[: plan.warmup], batches[plan.warmup :]
     with tempfile.TemporaryDirectory() as scratch:
         arms, memory = {}, {}
@@ -116,26 +120,23 @@ def _build_and_warm_up(cfg, data, device, run_dir: Path, xgrad: bool, warmup: li
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    seed_everything(cfg.seed, deterministic=False)
-    model = build(cfg.model.net).to(device)
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    task = build(cfg.model.task, data)
-    optimizer = build(constructor(cfg.optimizer), _convert_="all")(model.parameters())
-    engine = Engine(
-        model=model, forward=model, task=task, data=data, optimizer=optimizer,
-        predictor=build_predictor(cfg, optimizer) if xgrad else None, scheduler=None, device=device,
-        settings=settings(cfg.trainer), seed=cfg.seed, run_dir=run_dir, logger=RunLogger(run_dir, {}),
-        checkpoint_extra={},
-    )  # fmt: skip
-    model.train()
-    task.start_epoch(model, training=True)
+    parts = build_run(cfg if xgrad else _without_prediction(cfg), device, data=data)
+    engine = parts.engine(run_dir, RunLogger(run_dir, {}))
+    parts.forward.train()
+    parts.task.start_epoch(parts.forward, training=True)
     for batch in warmup:
-        engine._step(batch, epoch=0)
+        engine.train_step(batch)
     if not cuda:
         return engine, None
     torch.cuda.synchronize(device)
     return engine, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def _without_prediction(cfg: DictConfig) -> DictConfig:
+    """The same config with ``xgrad=off``: the baseline arm."""
+    baseline = cfg.copy()
+    baseline.xgrad = {"enabled": False}
+    return baseline
 
 
 def _timed_block(engine: Engine, batches: list, device: torch.device) -> float:
@@ -144,7 +145,7 @@ def _timed_block(engine: Engine, batches: list, device: torch.device) -> float:
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     for batch in batches:
-        engine._step(batch, epoch=0)
+        engine.train_step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - started) / len(batches)

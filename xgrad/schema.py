@@ -86,6 +86,7 @@ MILESTONES = Rule(
 DEVICE = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
               "auto, cpu, cuda or cuda:N")  # fmt: skip
 PRECISION = Rule(lambda v: not isinstance(v, bool) and str(v) in ("32", "bf16", "16"), "one of 32, bf16, 16")
+AUTO_OR_BOOLEAN = Rule(lambda v: v == "auto" or isinstance(v, bool), "auto, true or false")
 
 
 def key(default: Any, rule: Rule) -> Any:
@@ -112,7 +113,8 @@ class Trainer:
     limit_train_batches: Optional[int] = key(None, optional(integer(1)))
     limit_val_batches: Optional[int] = key(None, optional(integer(1)))
     grad_clip: Optional[float] = key(None, optional(number(0)))
-    channels_last: bool = key(False, BOOLEAN)
+    channels_last: Any = key("auto", AUTO_OR_BOOLEAN)
+    tf32: bool = key(True, BOOLEAN)
     compile: bool = key(False, BOOLEAN)
     deterministic: bool = key(False, BOOLEAN)
     log_every_n_steps: int = key(10, integer(1))
@@ -250,6 +252,7 @@ class ImageData(Data):
     channels: int = key(1, integer(1))
     image_size: int = key(28, integer(1))
     num_classes: int = key(10, integer(2))
+    on_device: Any = key("auto", AUTO_OR_BOOLEAN)
 
 
 @dataclass
@@ -257,6 +260,7 @@ class TextData(Data):
     modality: str = constant("text")
     vocab_size: int = key(10000, integer(2))
     bptt: int = key(70, integer(1))
+    on_device: Any = key("auto", AUTO_OR_BOOLEAN)
 
 
 @dataclass
@@ -272,6 +276,7 @@ class Model:
 
     name: str = key("", TEXT)
     input: str = key("", TEXT)
+    channels_last: bool = key(False, BOOLEAN)  # a convolutional network: channels-last pays on GPUs
     net: dict[str, Any] = key({}, ANYTHING)
     task: dict[str, Any] = key({}, ANYTHING)
 

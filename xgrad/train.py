@@ -2,7 +2,8 @@
 
 Reads ``conf/config.yaml`` (next to the package), checks the config, builds
 data, model, task, optimizer, predictor and scheduler from it, and hands them
-to :class:`xgrad.engine.Engine`. Everything is checked before training starts:
+to :class:`xgrad.engine.Engine`, through :func:`xgrad.builder.build_run` (which the
+benchmarks use too). Everything is checked before training starts:
 the schema (xgrad/schema.py: types, ranges, unknown keys), what no single key
 says (the model consumes the data's modality, the device exists), the run
 directory (xgrad/run_dir.py: nobody else trains in it, it holds no run of
@@ -35,27 +36,24 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException, InstantiationException
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from xgrad import distributed, hardware, schema
 from xgrad.atomic import WriteFailed
+from xgrad.builder import build_run
 from xgrad.checkpoint import UnreadableCheckpoint
 from xgrad.data.base import DatasetMissingError
 from xgrad.distributed import Launch, RankFailed, World
-from xgrad.engine import Engine, Settings, TrainingFailed
+from xgrad.engine import TrainingFailed
 from xgrad.loggers import RunLogger, WandbRun
 from xgrad.preemption import Interrupted, StopSignals
 from xgrad.run_dir import RunDirectory, RunDirRefused, fingerprint, record_refusal
@@ -143,74 +141,7 @@ def resolve_device(name: str, where: Launch = Launch()) -> torch.device:
     return device
 
 
-# ---------------------------------------------------------------------- build
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch; with ``deterministic``, also ask for deterministic GPU kernels."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.benchmark = not deterministic
-
-
-def build(node: DictConfig, *args: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, with what a constructor refuses turned into one line.
-
-    Hydra wraps whatever a constructor raises in an ``InstantiationException``;
-    a missing dataset or a refused config reaches the user as itself, and a
-    ``ValueError`` or ``TypeError`` (an argument the class refuses, a key it
-    does not take) as a :class:`ConfigError` naming the class.
-    """
-    try:
-        return instantiate(node, *args, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, (DatasetMissingError, ConfigError)):
-            raise cause from None
-        if isinstance(cause, (ValueError, TypeError)):
-            raise ConfigError(f"{node.get('_target_', 'the config')}: {_one_line(cause)}") from cause
-        raise
-
-
-def call(what: str, factory: Callable[..., Any], *args: Any) -> Any:
-    """``factory(*args)`` (a partial that ``build`` made), with a refused argument turned into one line."""
-    try:
-        return factory(*args)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{what}: {_one_line(error)}") from error
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def constructor(node: DictConfig) -> DictConfig:
-    """An optimizer/scheduler node without its ``name`` (a label for tables, not an argument).
-
-    Resolved first, while the node still sits in the whole config: its values may
-    interpolate other keys (``T_max: ${trainer.epochs}``, an experiment's per-optimizer lr).
-    """
-    resolved = OmegaConf.to_container(node, resolve=True)
-    return OmegaConf.create({k: v for k, v in resolved.items() if k != "name"})
-
-
-def build_predictor(cfg: DictConfig, optimizer: torch.optim.Optimizer):
-    """The WeightPredictor for ``xgrad=on`` (also with steps=0: exactly the base optimizer), else None."""
-    if not cfg.xgrad.enabled:
-        return None
-    from xgrad import WeightPredictor
-
-    try:
-        return WeightPredictor(
-            optimizer, steps=cfg.xgrad.steps, rule=cfg.xgrad.rule, decoupled_decay=cfg.xgrad.decoupled_decay
-        )
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"optimizer={cfg.optimizer.name} xgrad.rule={cfg.xgrad.rule}: {_one_line(error)}") from None
+# ---------------------------------------------------------------------- the run
 
 
 def experiment_name() -> str | None:
@@ -288,30 +219,6 @@ def start_wandb(cfg: DictConfig, run_dir: Path, identity: dict[str, Any], run_id
     )
 
 
-def settings(trainer: DictConfig) -> Settings:
-    return Settings(
-        epochs=trainer.epochs,
-        precision=str(trainer.precision),
-        limit_train_batches=trainer.limit_train_batches,
-        limit_val_batches=trainer.limit_val_batches,
-        grad_clip=trainer.grad_clip,
-        channels_last=trainer.channels_last,
-        log_every_n_steps=trainer.log_every_n_steps,
-        progress=trainer.progress,
-        checkpoint_every_n_steps=trainer.checkpoint_every_n_steps,
-    )
-
-
-def share_batches(data: Any, world: World) -> None:
-    """Make the data module hand this rank only its share of every training batch (xgrad/data/base.py)."""
-    if world.size == 1:
-        return
-    if not hasattr(data, "shard"):
-        raise ConfigError(f"data={type(data).__name__}: this data module cannot share its batches between the "
-                          f"{world.size} processes of this run (it has no shard method)")  # fmt: skip
-    data.shard(world.rank, world.size)
-
-
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one composed config into ``run_dir`` (default: Hydra's output dir); return the summary.
 
@@ -351,35 +258,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             return directory.load_checkpoint() if resumes else None  # the file rank 0 has checked, under its lock
 
         saved = world.on_every_rank(checkpoint_to_resume)
-        if trainer.num_threads is not None:
-            torch.set_num_threads(trainer.num_threads)
-        seed_everything(cfg.seed, trainer.deterministic)
-        data = build(cfg.data.module)
-        share_batches(data, world)
-        model = build(cfg.model.net).to(device)
-        if trainer.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if trainer.sync_batchnorm and world.size > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, in new modules
-        task = build(cfg.model.task, data)
-        # optimizer and scheduler nodes are partial (`_partial_: true`): called here with what they act on
-        optimizer = call(f"optimizer={cfg.optimizer.name}", build(constructor(cfg.optimizer), _convert_="all"),
-                         model.parameters())  # fmt: skip
-        predictor = build_predictor(cfg, optimizer)
-        scheduler = None
-        if "_target_" in cfg.scheduler:
-            scheduler = call(f"scheduler={cfg.scheduler.name}", build(constructor(cfg.scheduler), _convert_="all"),
-                             optimizer)  # fmt: skip
-        identity = describe(cfg, task, data, device, world)
-        # evaluation runs the model itself (every rank evaluates the whole split); training runs it under DDP
-        evaluate = torch.compile(model) if trainer.compile else model
-        forward = evaluate
-        if world.size > 1:
-            forward = world.wrap(model, device)  # rank 0's weights on every rank
-            forward = torch.compile(forward) if trainer.compile else forward
-            if not world.main:  # rank 0 draws on as one process would; the others draw apart (dropout masks)
-                seed_everything(distributed.rank_seed(cfg.seed, world.rank), trainer.deterministic)
-
+        parts = build_run(cfg, device, world)
+        parts.settings = dataclasses.replace(parts.settings, progress=trainer.progress and world.main)
+        identity = describe(cfg, parts.task, parts.data, device, world)
         world.from_rank_zero(lambda: directory.accept(cfg))
         wandb_run = None
         if cfg.logger.name == "wandb" and world.main:
@@ -387,24 +268,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         logger = RunLogger(run_dir, identity, wandb_run, writes=world.main)
         with StopSignals() as stop:
             try:
-                engine = Engine(
-                    model=model,
-                    forward=forward,
-                    evaluate=evaluate,
-                    task=task,
-                    data=data,
-                    optimizer=optimizer,
-                    predictor=predictor,
-                    scheduler=scheduler,
-                    device=device,
-                    settings=dataclasses.replace(settings(trainer), progress=trainer.progress and world.main),
-                    seed=cfg.seed,
-                    run_dir=run_dir,
-                    logger=logger,
-                    checkpoint_extra={"config": fingerprint(cfg), "wandb_id": wandb_run.id if wandb_run else None},
-                    stop=stop,
-                    world=world,
-                )
+                checkpoint_extra = {"config": fingerprint(cfg), "wandb_id": wandb_run.id if wandb_run else None}
+                engine = parts.engine(run_dir, logger, checkpoint_extra, stop)
                 if saved is not None:
                     engine.load(saved)
                     log.info("resuming %s after epoch %d", run_dir, saved["epoch"])
@@ -420,7 +285,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 raise
         logger.finish("completed")
     best, final = summary["best"], summary["final"]
-    log.info("%s: best val/%s %s (epoch %s), final %s", summary["status"], task.metric, best, summary["best_epoch"], final)
+    log.info("%s: best val/%s %s (epoch %s), final %s", summary["status"], parts.task.metric, best, summary["best_epoch"],
+             final)  # fmt: skip
     return summary
 
 

@@ -21,6 +21,14 @@ RESUME_IGNORES = (
     "trainer.log_every_n_steps",
     "trainer.checkpoint_every_n_steps",
     "trainer.sync_batchnorm",  # how the ranks normalise, like how many ranks there are, may change between sessions
+    # how the hardware is used (xgrad/performance.py): like the device, they change the last bits of a GPU's
+    # arithmetic or which random numbers a GPU draws, never what is trained, and a CPU run not at all
+    "trainer.channels_last",
+    "trainer.tf32",
+    "trainer.compile",
+    "model.channels_last",
+    "data.on_device",
+    "data.module.num_workers",
     "logger",
     "data.root",
 )

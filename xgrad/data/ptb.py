@@ -23,6 +23,10 @@ task carries the LSTM's hidden state from one window to the next, which only
 makes sense if window k+1 continues window k. The window length is fixed
 (AWD-LSTM draws a random length around ``bptt``; this project does not).
 
+The three streams (8 MB of token ids) can live on the GPU
+(:meth:`PennTreebank.to`, ``data.on_device``): a window is then a view of the
+stream there, and no batch crosses the PCIe bus.
+
 Shared between the ranks of a run (:meth:`PennTreebank.shard`), the columns
 are: rank r trains on columns r, r + world_size, ... of every window. Each
 column is a stream of its own, so each rank carries the hidden state of its
@@ -141,6 +145,10 @@ class PennTreebank:
     def shard(self, rank: int, world_size: int) -> None:
         """Hand out rank ``rank``'s columns of every training window from now on (see the module docstring)."""
         self.rank, self.world_size = rank, world_size
+
+    def to(self, device: torch.device) -> None:
+        """Keep the batchified streams on ``device`` from now on: every window is a view of them there."""
+        self.train, self.valid, self.test = (stream.to(device) for stream in (self.train, self.valid, self.test))
 
     def train_batches(self, epoch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The training windows in corpus order, every epoch (the hidden state is carried across them)."""

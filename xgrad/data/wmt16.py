@@ -36,7 +36,11 @@ Training batches: pairs with an empty side or more than ``max_len`` pieces on
 either side are dropped; each epoch shuffles the pairs with a generator seeded
 by ``(seed, epoch)``, sorts them by source length within windows of
 ``sort_batches`` batches (so a batch holds sentences of similar length and
-little padding) and shuffles the order of the batches. Shared between the
+little padding) and shuffles the order of the batches. That plan is made in
+the training process; ``num_workers`` worker processes of a torch
+``DataLoader`` build the padded tensors of the planned batches, in the plan's
+order, while the model trains, into pinned (page-locked) memory when a GPU is
+present, from which the engine's copy to the device does not block the host. Shared between the
 ranks of a run (:meth:`WMT16EnDe.shard`), rank r takes pairs r, r + world_size,
 ... of each batch, which splits the batch's lengths, and so its work, evenly.
 Valid and test keep every sentence, in file order, so that BLEU is computed on
@@ -56,6 +60,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
 
 from xgrad.data.base import DatasetMissingError
 
@@ -185,12 +190,15 @@ class WMT16EnDe:
     pad_id, unk_id, bos_id, eos_id = PAD, UNK, BOS, EOS
 
     def __init__(self, root: str, vocab_size: int, batch_size: int, eval_batch_size: int,
-                 max_len: int, sort_batches: int, spm_sample_sentences: int):
+                 max_len: int, sort_batches: int, spm_sample_sentences: int, num_workers: int = 0):
         for name, value in (("vocab_size", vocab_size), ("batch_size", batch_size),
                             ("eval_batch_size", eval_batch_size), ("max_len", max_len),
                             ("sort_batches", sort_batches), ("spm_sample_sentences", spm_sample_sentences)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"data.module.num_workers must be an integer >= 0, got {num_workers!r}")
+        self.num_workers = num_workers
         self.root = Path(root)
         if (what := missing(root)) is not None:
             if _offline():
@@ -242,6 +250,15 @@ class WMT16EnDe:
 
     def train_batches(self, epoch: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """One epoch: shuffled by ``(seed, epoch)``, sorted by source length within windows, batches shuffled."""
+        plan = _Planned(self, self._plan(epoch, seed))
+        if self.num_workers == 0:
+            return (plan[i] for i in range(len(plan)))
+        # a generator of its own for the workers' seeds: drawn from the global one, it would shift the dropout masks
+        return iter(DataLoader(plan, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                               generator=torch.Generator().manual_seed(epoch)))  # fmt: skip
+
+    def _plan(self, epoch: int, seed: int) -> list[np.ndarray]:
+        """This rank's rows of each training batch of the epoch, in training order."""
         rng = np.random.default_rng([seed, epoch])
         rows = rng.permutation(self.train_rows)
         src_len = np.diff(self.splits["train"]["src_offsets"])
@@ -251,9 +268,9 @@ class WMT16EnDe:
             chunk = rows[start:start + window]
             chunk = chunk[np.argsort(src_len[chunk], kind="stable")]
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        for b in rng.permutation(len(batches)):
-            if len(batches[b]) >= self.world_size:  # an epoch's last batch may be too small to give every rank a pair
-                yield self._batch("train", batches[b][self.rank :: self.world_size])
+        # an epoch's last batch may be too small to give every rank a pair
+        return [batches[b][self.rank :: self.world_size] for b in rng.permutation(len(batches))
+                if len(batches[b]) >= self.world_size]  # fmt: skip
 
     def shard(self, rank: int, world_size: int) -> None:
         """Hand out rank ``rank``'s pairs of every training batch from now on (see the module docstring)."""
@@ -282,3 +299,16 @@ class WMT16EnDe:
 
     def test_batches(self) -> list[dict[str, torch.Tensor]]:
         return self._eval_batches("test")
+
+
+class _Planned(Dataset):
+    """An epoch's planned training batches, built on demand (by the DataLoader's workers, when there are some)."""
+
+    def __init__(self, data: WMT16EnDe, plan: list[np.ndarray]):
+        self.data, self.plan = data, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.data._batch("train", self.plan[index])
