@@ -16,6 +16,15 @@ so the gradient is taken at the predicted weights and the update is applied
 to the real ones (PAPER.md, Algorithm 1). The scaler is only enabled for
 ``precision=16``; otherwise its calls pass straight through.
 
+A step reads no value off the device (:meth:`Engine.train_step`), so on a GPU
+the host queues the next step while the current one computes. Its loss is
+added to a running sum where it was computed (xgrad/running_loss.py), and the
+loop reads that sum every ``log_every_n_steps`` steps, at the epoch's end and
+before any checkpoint: the progress bar, the W&B step log and the check for a
+non-finite loss (which stops the run, naming the steps since the last read)
+all work from those reads. (With ``precision=16`` the gradient scaler itself
+reads whether the gradients overflowed, once per step.)
+
 At each epoch end the engine evaluates the validation and the test split,
 steps the scheduler, and writes
 ``checkpoints/last.pt`` with everything the next epoch depends on (weights,
@@ -42,7 +51,7 @@ the step becomes::
 
     predictor.predict()                  θ_t → θ̂_{t+s} on every rank: the same θ̂
     loss = task.train_loss(ddp, share)
-    weigh(loss)                          one all-gather: the ranks' losses, samples, stop signals
+    weigh(loss)                          one all-gather on the device: the ranks' losses, samples, stop signals
     backward()                           DDP all-reduces: the mean gradient over all ranks, at θ̂
     predictor.restore()                  θ̂ → θ_t on every rank
     clip; optimizer.step()               the same update on every rank
@@ -63,13 +72,17 @@ rank, keeping weights and states identical for the next prediction.
 Predicting on one rank only, or from a state some rank lacks, would let the
 ranks' weights drift apart.
 
-The training loss is reduced over the ranks every step (the sample-weighted
-mean of the global batch); evaluation runs the whole validation and test
-splits on every rank with the model itself, so its metrics need no reduction,
-and rank 0's epoch record is what every rank keeps. A stop signal received by
-any rank stops every rank after the same step (the step's all-gather carries
-it), and only rank 0 writes files: every rank's random state and carried task
-state go into its checkpoint.
+The training loss is summed over the ranks every step, on the device, by
+the step's all-gather (the sample-weighted mean of the global batch), and read
+as in one process; evaluation runs the whole validation and test splits on
+every rank with the model itself, so its metrics need no reduction, and rank
+0's epoch record is what every rank keeps. A stop signal received by any rank
+stops every rank after the same step: the step's all-gather carries it too,
+read after every step where it ran on the CPU (gloo) and at the loss's reads
+on GPUs (where reading it every step would make each step wait), plus a
+host-side exchange before each epoch and each evaluation batch. Only rank 0
+writes files: every rank's random state and carried task state go into its
+checkpoint.
 """
 
 from __future__ import annotations
