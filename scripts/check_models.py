@@ -14,7 +14,8 @@ target), which drives GNMT's code on the device without WMT16 being there.
 ``--tiny`` shrinks the models and batches to toy sizes (what the tests run).
 
 Writes a Markdown table (model, precision, compile, status, seconds, training
-loss, or the error's first line) to ``--out`` and exits 1 if any check failed.
+loss, or the error's first line) to ``--out``, rewritten after every check,
+and exits 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def write_copy_task(ptb: Path, root: Path) -> Path:
 def checks(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
     """(model, precision, compiled) for every check asked for."""
     listed = [(model, str(precision), False) for model in args.models for precision in args.precisions]
-    listed += [(model, args.precisions[-1], True) for model in args.compile]
     listed += [(model, "16", False) for model in args.fp16]
+    listed += [(model, args.precisions[-1], True) for model in args.compile]  # last: compiling takes longest
     return listed
 
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     args.data = args.data.resolve()
     rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         write_copy_task(args.data, Path(scratch) / "copy-task")
         for model, precision, compiled in checks(args):
@@ -140,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"{r['model']:12s} {r['precision']:>4s} {'compiled' if compiled else '':8s} {r['status']:6s} "
                   f"{r['seconds']:6.1f} s  {r['loss']}", flush=True)  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(rows, args))
+            args.out.write_text(render(rows, args))  # after every check: a run cut short still leaves its table
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 
