@@ -88,8 +88,11 @@ install() {
     return 0
   fi
   ls "$WHEELS"/*.whl >/dev/null || { echo "no wheels in $WHEELS: run 'make wheelhouse' before carrying it"; return 1; }
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SCRATCH/site" "$WHEELS"/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:$SCRATCH/site
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SCRATCH/site" "$WHEELS"/*.whl; then
+    echo "pip could not install them: unpacking the wheels instead (pure Python: a wheel unpacked is installed)"
+    for wheel in "$WHEELS"/*.whl; do "$PY" -m zipfile -e "$wheel" "$SCRATCH/site" || return 1; done
+  fi
+  export PYTHONPATH=$PYTHONPATH:$SCRATCH/site
 }
 
 environment() {
