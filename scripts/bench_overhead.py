@@ -21,7 +21,7 @@ backward, restore, clip, step) on a batch already on the device:
 A cell whose data is missing is listed as not measured. The table is written to
 ``overhead.out`` (``results/<scale>/overhead.md``), labelled with the hardware,
 the scale and the settings, through the suite's one table renderer
-(:func:`xgrad.report.tables.markdown_table`).
+(:func:`xgrad.report.tables.benchmark_page`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from xgrad.builder import build, build_run, place_data, uses_channels_last
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, to_device
 from xgrad.loggers import RunLogger
-from xgrad.report.tables import markdown_table
+from xgrad.report.tables import benchmark_page
 from xgrad.train import CONF_DIR, resolve_device
 
 
@@ -175,9 +175,7 @@ def _cells(row: dict) -> list[str]:
 
 
 def render(rows: list[dict], skipped: list[str], scale: str, device: str, plan: DictConfig) -> str:
-    lines = [
-        f"# XGrad overhead per training iteration ({scale} scale)",
-        "",
+    method = [
         f"Hardware: {device} · torch {torch.__version__} · {os.cpu_count()} CPU cores visible.",
         f"Per arm: {plan.warmup} warm-up steps, then {plan.rounds} timed blocks of {plan.iterations} steps, "
         "baseline and XGrad (s = 1) alternating in one process.",
@@ -186,15 +184,9 @@ def render(rows: list[dict], skipped: list[str], scale: str, device: str, plan: 
         "not measured on the CPU.",
         "Noise: the larger of the two arms' block spreads, (slowest − fastest block) / median; "
         "a time overhead smaller than it is not distinguishable from zero at these settings.",
-        "",
-        markdown_table(pd.DataFrame([_cells(row) for row in rows], columns=COLUMNS)),
-        "",
-        "## Not measured",
-        "",
-        *([f"- {line}" for line in skipped] or ["None."]),
-        "",
     ]
-    return "\n".join(lines)
+    table = pd.DataFrame([_cells(row) for row in rows], columns=COLUMNS)
+    return benchmark_page(f"XGrad overhead per training iteration ({scale} scale)", method, table, skipped)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from xgrad.builder import RunParts, build, build_run, place_data
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, to_device
 from xgrad.loggers import RunLogger
-from xgrad.report.tables import markdown_table
+from xgrad.report.tables import benchmark_page
 from xgrad.running_loss import RunningLoss
 from xgrad.train import CONF_DIR, resolve_device
 
@@ -195,9 +195,7 @@ def render(rows: list[dict], skipped: list[str], device: str, args: argparse.Nam
         ],
         columns=COLUMNS,
     )  # fmt: skip
-    lines = [
-        "# Training throughput, baseline versus XGrad (s = 1)",
-        "",
+    method = [
         f"Hardware: {device} · torch {torch.__version__} · {os.cpu_count()} CPU cores visible.",
         "Each model built by the entry point's `build_run` (data on the device, TF32 and channels-last on CUDA), its "
         "batches drawn from the data module and stepped by `Engine.train_step`, Adam; image models on Fashion-MNIST.",
@@ -207,15 +205,8 @@ def render(rows: list[dict], skipped: list[str], device: str, args: argparse.Nam
         "spreads, (fastest − slowest) / median.",
         f"Overrides: {' '.join(args.overrides) or 'none'}. Measured {datetime.date.today().isoformat()}."
         + (f" {args.note}" if args.note else ""),
-        "",
-        markdown_table(table),
-        "",
-        "## Not measured",
-        "",
-        *([f"- {line}" for line in skipped] or ["None."]),
-        "",
     ]
-    return "\n".join(lines)
+    return benchmark_page("Training throughput, baseline versus XGrad (s = 1)", method, table, skipped)
 
 
 if __name__ == "__main__":

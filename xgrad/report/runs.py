@@ -407,16 +407,23 @@ def _from_summary(path: Path, summary: dict) -> Run:
         seed=summary.get("seed"),
         metric=summary.get("metric"),
         mode=summary.get("mode"),
+        epochs=summary.get("epochs"),
+        wall_time_s=summary.get("wall_time_s"),
+        experiment=summary.get("experiment"),
+        scale=summary.get("scale"),
+        **_outcome(summary),
+    )
+
+
+def _outcome(summary: Mapping) -> dict:
+    """The keys summary.json and a W&B summary share: the values a table reports and where they come from."""
+    return dict(
         best=_finite(summary.get("best")),
         best_epoch=_integer(summary.get("best_epoch")),
         final=_finite(summary.get("final")),
         test=_finite(summary.get("test")),
         test_best=_finite(summary.get("test_best")),
         test_final=_finite(summary.get("test_final")),
-        epochs=summary.get("epochs"),
-        wall_time_s=summary.get("wall_time_s"),
-        experiment=summary.get("experiment"),
-        scale=summary.get("scale"),
         hardware=summary.get("hardware"),
         data_variant=summary.get("data_variant"),
         data_sizes=_sizes(summary.get("data_sizes")),
@@ -497,22 +504,11 @@ def _from_wandb(run) -> Run:
         seed=get("seed"),
         metric=metric,
         mode=mode,
-        best=_finite(summary.get("best")),
-        best_epoch=_integer(summary.get("best_epoch")),
-        final=_finite(summary.get("final")),
-        test=_finite(summary.get("test")),
-        test_best=_finite(summary.get("test_best")),
-        test_final=_finite(summary.get("test_final")),
         epochs=summary.get("epochs", summary.get("epoch")),
         wall_time_s=summary.get("_runtime"),
         experiment=summary.get("experiment") or next((tag for tag in run.tags if not tag.startswith("s=")), None),
         scale=summary.get("scale", get("scale")),
-        hardware=summary.get("hardware"),
-        data_variant=summary.get("data_variant"),
-        data_sizes=_sizes(summary.get("data_sizes")),
-        paper_epochs=_integer(summary.get("paper_epochs")),
-        world_size=_integer(summary.get("world_size")) or 1,
-        backend=summary.get("backend"),
+        **_outcome(summary),
         config=what_it_trains(dict(config)),
     )
     if metric is not None:  # the curve: convergence speed and the area under it need every epoch

@@ -51,6 +51,12 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return text.to_markdown(index=False, disable_numparse=True, stralign=None, numalign=None)
 
 
+def benchmark_page(title: str, method: Sequence[str], table: pd.DataFrame, not_measured: Sequence[str]) -> str:
+    """A benchmark's page (scripts/bench_*.py): how it measured, the table, and what it could not measure."""
+    skipped = [f"- {line}" for line in not_measured] or ["None."]
+    return "\n".join([f"# {title}", "", *method, "", markdown_table(table), "", "## Not measured", "", *skipped, ""])
+
+
 def render(runs: list[Run], title: str, notes: Iterable[str] = ()) -> str:
     """The whole Markdown document for ``runs``: header, table, summary, verdicts, left-out runs, notes."""
     cells = group_cells(runs)
