@@ -10,6 +10,9 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 # Tests never touch the network: W&B writes offline runs, Hugging Face reads its cache only.
@@ -23,6 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
@@ -88,6 +92,38 @@ def train_run(tmp_path):
         return run_dir
 
     return train
+
+
+def main_with(monkeypatch, *argv: str) -> int:
+    """``python -m xgrad.train [-m] <test overrides> argv...`` in this process; its exit status (0: it returned)."""
+    from xgrad.train import main
+
+    flags = [a for a in argv if a == "-m"]
+    monkeypatch.setattr(sys, "argv", ["xgrad.train", *flags, *TEST_OVERRIDES, *[a for a in argv if a != "-m"]])
+    try:
+        main()
+        return 0
+    except SystemExit as exit_info:
+        return exit_info.code
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def start_into_epoch_two(*args: str, run_dir: Path, cwd: Path) -> subprocess.Popen:
+    """``python -m xgrad.train <test overrides> args`` in a subprocess, returned once epoch 1's checkpoint is on disk.
+
+    Its stderr is a pipe (read it after the process ends); stdout is discarded.
+    """
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "xgrad.train", *TEST_OVERRIDES, *args, f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "summary.json").exists():  # written right after epoch 1's checkpoint
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"epoch 1 did not end within 120 s: {process.communicate()[1]}")
+        time.sleep(0.02)
+    return process
 
 
 def write_cifar(root: Path, variant: str, per_file: int, seed: int = 0, row_length: int = 3072) -> dict:

@@ -10,19 +10,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import signal
 import struct
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF_DIR, TEST_OVERRIDES
+from conftest import CONF_DIR, TEST_OVERRIDES, main_with, start_into_epoch_two
 from xgrad import checkpoint
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import TrainingFailed
@@ -187,19 +184,9 @@ def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(train_run
     """The one subprocess of this file: the real entry point, killed with SIGKILL in epoch 2."""
     args = ("optimizer=adam", "xgrad=on", "trainer.epochs=2", "trainer.limit_train_batches=400", *SMALL)
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "xgrad.train", *TEST_OVERRIDES, *args, f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "summary.json").exists():  # written right after epoch 1's checkpoint
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "epoch 1 not done after 120 s"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    process = start_into_epoch_two(*args, run_dir=run_dir, cwd=tmp_path)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
     assert summary(run_dir)["status"] == "running", "the process ended before it could be killed in epoch 2"
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
 
@@ -393,13 +380,5 @@ def test_a_non_finite_loss_fails_the_run_naming_the_steps_read(train_run, monkey
 
 
 def test_the_command_line_exits_nonzero_with_one_line(monkeypatch, capsys, tmp_path):
-    from xgrad.train import main
-
-    monkeypatch.setattr(sys, "argv", ["xgrad.train", *TEST_OVERRIDES, "trainer.epochs=0", f"hydra.run.dir={tmp_path}"])
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        GlobalHydra.instance().clear()
-    assert exit_info.value.code == 2
+    assert main_with(monkeypatch, "trainer.epochs=0", f"hydra.run.dir={tmp_path}") == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: trainer.epochs=0: must be an integer >= 1"]

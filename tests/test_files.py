@@ -8,15 +8,13 @@ import io
 import json
 import os
 import pickle
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import TEST_OVERRIDES, write_cifar
+from conftest import main_with, write_cifar
 from xgrad import atomic, checkpoint
 from xgrad.checkpoint import UnreadableCheckpoint
 from xgrad.run_dir import RunDirRefused
@@ -69,20 +67,11 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_naming_it(train_run, tmp_pa
 
 
 def test_the_command_line_refuses_a_damaged_checkpoint_with_exit_status_2(train_run, monkeypatch, capsys, tmp_path):
-    from xgrad.train import main
-
     run_dir = tmp_path / "run"
     train_run(f"hydra.run.dir={run_dir}", *SMALL)
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 half a zip")
     capsys.readouterr()  # what the first run printed (logging handlers an earlier in-process Hydra run left behind)
-    monkeypatch.setattr(sys, "argv", ["xgrad.train", *TEST_OVERRIDES, "trainer.epochs=2", *SMALL,
-                                      f"hydra.run.dir={run_dir}"])  # fmt: skip
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        GlobalHydra.instance().clear()
-    assert exit_info.value.code == 2
+    assert main_with(monkeypatch, "trainer.epochs=2", *SMALL, f"hydra.run.dir={run_dir}") == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {run_dir / 'checkpoints' / 'last.pt'} cannot be resumed from (")
 

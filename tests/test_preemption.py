@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import TEST_OVERRIDES
+from conftest import TEST_OVERRIDES, start_into_epoch_two
 from xgrad import checkpoint
 from xgrad.preemption import PREEMPT_SIGNAL, Interrupted, StopSignals
 from xgrad.tasks.classification import Classification
@@ -181,16 +181,8 @@ def test_sigterm_to_the_command_line_run_exits_143_and_the_rerun_ends_identical(
     """The real entry point stopped by SIGTERM in epoch 2: exit status 143, one line, then the same end as without."""
     args = ("optimizer=adam", "xgrad=on", "trainer.epochs=2", "trainer.limit_train_batches=400", *SMALL)
     run_dir = tmp_path / "stopped"
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "xgrad.train", *TEST_OVERRIDES, *args, f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+    process = start_into_epoch_two(*args, run_dir=run_dir, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "summary.json").exists():  # written right after epoch 1's checkpoint
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "epoch 1 not done after 120 s"
-            time.sleep(0.02)
         time.sleep(0.3)  # into epoch 2
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)

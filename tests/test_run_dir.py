@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import TEST_OVERRIDES
+from conftest import TEST_OVERRIDES, main_with
 from xgrad.run_dir import RunDirectory, RunDirRefused, record_refusal
 from xgrad.tasks.classification import Classification
 
@@ -51,19 +50,6 @@ def count_steps(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(Classification, "train_loss", train_loss)
     return steps
-
-
-def main_in_process(monkeypatch, *argv: str) -> int:
-    from xgrad.train import main
-
-    monkeypatch.setattr(sys, "argv", ["xgrad.train", *TEST_OVERRIDES, *argv])
-    try:
-        main()
-        return 0
-    except SystemExit as exit_info:
-        return exit_info.code
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # ---------------------------------------------------------------- the lock
@@ -130,20 +116,20 @@ def test_two_runs_started_together_into_one_directory_leave_one_run(tmp_path):
 def test_a_refused_start_leaves_every_file_byte_identical_whatever_files_remain(monkeypatch, tmp_path):
     """Through Hydra (which used to rewrite .hydra/ before any check): a different config never touches the run."""
     run_dir = tmp_path / "run"
-    assert main_in_process(monkeypatch, f"hydra.run.dir={run_dir}", *SMALL) == 0
+    assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", *SMALL) == 0
     assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "run.json", "train.log",
             "checkpoints/last.pt", "summary.json", "metrics.jsonl"} <= snapshot(run_dir).keys()  # fmt: skip
     before = snapshot(run_dir)
-    assert main_in_process(monkeypatch, f"hydra.run.dir={run_dir}", "optimizer.lr=0.01", *SMALL) == 2
+    assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", "optimizer.lr=0.01", *SMALL) == 2
     assert snapshot(run_dir) == before
     (run_dir / "checkpoints" / "last.pt").unlink()  # a completed run whose checkpoints were cleaned up
     (run_dir / "checkpoints").rmdir()
     before = snapshot(run_dir)
-    assert main_in_process(monkeypatch, f"hydra.run.dir={run_dir}", "optimizer.lr=0.01", *SMALL) == 2
+    assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", "optimizer.lr=0.01", *SMALL) == 2
     assert snapshot(run_dir) == before
     (run_dir / "run.json").unlink()  # not even its record: results of an unknown config
     before = snapshot(run_dir)
-    assert main_in_process(monkeypatch, f"hydra.run.dir={run_dir}", *SMALL) == 2
+    assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", *SMALL) == 2
     assert snapshot(run_dir) == before
 
 

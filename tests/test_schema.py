@@ -8,13 +8,11 @@ written), the command line (one line on stderr, exit status 2) and a sweep
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF_DIR, TEST_OVERRIDES
+from conftest import CONF_DIR, main_with
 from xgrad.schema import GROUPS, ConfigError, check
 
 SMALL = ("data.batch_size=32", "data.eval_batch_size=100")
@@ -83,20 +81,6 @@ def test_a_value_a_constructor_refuses_is_one_line_naming_the_option(train_run, 
     with pytest.raises(ConfigError, match=r"^xgrad.models.lenet.LeNet5: .*unexpected keyword argument 'foo'"):
         train_run("+model.net.foo=1", f"hydra.run.dir={run_dir}")
     assert not (run_dir / "summary.json").exists()
-
-
-def main_with(monkeypatch, *argv: str) -> int:
-    """``python -m xgrad.train [-m] <test overrides> argv...`` in this process; its exit status."""
-    from xgrad.train import main
-
-    flags = [a for a in argv if a == "-m"]
-    monkeypatch.setattr(sys, "argv", ["xgrad.train", *flags, *TEST_OVERRIDES, *[a for a in argv if a != "-m"]])
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        GlobalHydra.instance().clear()
-    return exit_info.value.code
 
 
 @pytest.mark.parametrize(("override", "line"), [
