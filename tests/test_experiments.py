@@ -394,7 +394,10 @@ def test_make_tables_refuses_a_malformed_wandb_path(capsys):
 def test_overhead_benchmark_times_both_arms_and_lists_what_it_cannot_run(tmp_path):
     out = tmp_path / "overhead.md"
     bench = _script("bench_overhead")
-    cells = ["protocol=paper/cifar10_lenet data=fashion_mnist", f"protocol=paper/wmt16_gnmt8 data.root={tmp_path}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        quick_cells = compose("config", overrides=["experiment=overhead"]).overhead.quick.cells
+    [vae_cell] = [cell for cell in quick_cells if "mnist_vae" in cell]  # as configured: offline, on the subset
+    cells = ["protocol=paper/cifar10_lenet data=fashion_mnist", vae_cell, f"protocol=paper/wmt16_gnmt8 data.root={tmp_path}"]
     bench.main([
         "scale=quick", "trainer.device=cpu", "overhead.optimizers=[adam]", f"overhead.out={out}",
         "overhead.quick.cells=[" + ",".join(f"'{cell}'" for cell in cells) + "]",
@@ -411,5 +414,7 @@ def test_overhead_benchmark_times_both_arms_and_lists_what_it_cannot_run(tmp_pat
     assert row[8].startswith("±") and float(row[8].strip("±%")) >= 0
     assert bench._spread([0.010, 0.012, 0.011]) == pytest.approx(100 * 0.002 / 0.011)
     assert "n/a (CPU)" in row[9]
+    assert any(line.startswith("| mnist | vae | adam |") for line in text.splitlines())
     not_measured = text.split("## Not measured", 1)[1]
     assert "protocol=paper/wmt16_gnmt8" in not_measured and "wmt16_en_de" in not_measured
+    assert "mnist_vae" not in not_measured
