@@ -40,11 +40,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from xgrad import hardware
-from xgrad.builder import build, build_run, place_data, uses_channels_last
+from xgrad.builder import benchmark_arm, build_data, uses_channels_last
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, to_device
-from xgrad.loggers import RunLogger
-from xgrad.report.tables import benchmark_page
+from xgrad.report.tables import benchmark_page, spread
 from xgrad.train import CONF_DIR, resolve_device
 
 
@@ -83,8 +82,7 @@ def _batch_override(plan: DictConfig) -> list[str]:
 def measure(cfg: DictConfig, plan: DictConfig) -> dict:
     """One cell and optimizer: both arms' time per step (ms) and, on CUDA, peak memory (MB)."""
     device = resolve_device(cfg.trainer.device)
-    data = build(cfg.data.module)
-    place_data(data, cfg, device)
+    data = build_data(cfg, device)
     stream = cycle(data.train_batches(0, cfg.seed))  # repeats the batches if the split has too few
     channels_last = uses_channels_last(cfg, device)
     batches = [to_device(b, device, channels_last) for b in islice(stream, plan.warmup + plan.iterations)]
@@ -104,13 +102,8 @@ def measure(cfg: DictConfig, plan: DictConfig) -> dict:
         "parameters": params, "batch": cfg.data.batch_size,
         "baseline_ms": 1e3 * statistics.median(times["baseline"]), "xgrad_ms": 1e3 * statistics.median(times["XGrad"]),
         "baseline_mb": memory["baseline"], "xgrad_mb": memory["XGrad"],
-        "spread": max(_spread(blocks) for blocks in times.values()),
+        "spread": max(spread(blocks) for blocks in times.values()),
     }  # fmt: skip
-
-
-def _spread(blocks: list[float]) -> float:
-    """How far one arm's blocks differ: (slowest − fastest) / median, in percent."""
-    return 100 * (max(blocks) - min(blocks)) / statistics.median(blocks)
 
 
 def _build_and_warm_up(cfg, data, device, run_dir: Path, xgrad: bool, warmup: list) -> tuple[Engine, float | None]:
@@ -120,10 +113,7 @@ def _build_and_warm_up(cfg, data, device, run_dir: Path, xgrad: bool, warmup: li
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    parts = build_run(cfg if xgrad else _without_prediction(cfg), device, data=data)
-    engine = parts.engine(run_dir, RunLogger(run_dir, {}))
-    parts.forward.train()
-    parts.task.start_epoch(parts.forward, training=True)
+    engine = benchmark_arm(cfg, data, device, run_dir, xgrad)
     for batch in warmup:
         engine.train_step(batch)
     if not cuda:
@@ -132,22 +122,13 @@ def _build_and_warm_up(cfg, data, device, run_dir: Path, xgrad: bool, warmup: li
     return engine, (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def _without_prediction(cfg: DictConfig) -> DictConfig:
-    """The same config with ``xgrad=off``: the baseline arm."""
-    baseline = cfg.copy()
-    baseline.xgrad = {"enabled": False}
-    return baseline
-
-
 def _timed_block(engine: Engine, batches: list, device: torch.device) -> float:
     """Mean seconds per optimizer step over ``batches``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    hardware.synchronize(device)
     started = time.perf_counter()
     for batch in batches:
         engine.train_step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    hardware.synchronize(device)
     return (time.perf_counter() - started) / len(batches)
 
 

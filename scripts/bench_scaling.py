@@ -19,7 +19,7 @@ them alike; a count's throughput is the median over the rounds.
 On a CPU each process gets ``--threads`` threads (default 1), so N processes
 use N cores. The table goes to ``results/<hardware>/scaling.md`` (``--out``),
 labelled with the hardware, the settings and ``--note``, through the suite's
-one table renderer (:func:`xgrad.report.tables.markdown_table`).
+one table renderer (:func:`xgrad.report.tables.benchmark_page`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -39,9 +38,8 @@ import pandas as pd
 import torch
 
 from xgrad import hardware
-from xgrad.report.tables import markdown_table
+from xgrad.report.tables import benchmark_page, spread
 
-REPO = Path(__file__).resolve().parent.parent
 QUIET = ("logger=none", "trainer.progress=false", "trainer.limit_val_batches=1")
 
 
@@ -84,9 +82,7 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, batch_size: 
         ]
     )
     settings = " ".join(args.overrides) or "the defaults (LeNet-5, Fashion-MNIST, Adam, no XGrad)"
-    lines = [
-        "# Training throughput on several processes (DDP, torchrun)",
-        "",
+    method = [
         f"Hardware: {device} · torch {torch.__version__} · {os.cpu_count()} CPU cores visible"
         + ("" if torch.cuda.is_available() else f" · {args.threads} thread(s) per process") + ".",
         f"Run: {settings}; global batch {batch_size}.",
@@ -94,11 +90,8 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, batch_size: 
         f"the second epoch's training samples/s (evaluation excluded), median of {args.rounds} rounds, the counts "
         "alternating within each round. Spread: (fastest − slowest round) / median.",
         f"Measured {datetime.date.today().isoformat()}." + (f" {args.note}" if args.note else ""),
-        "",
-        markdown_table(table),
-        "",
     ]
-    return "\n".join(lines)
+    return benchmark_page("Training throughput on several processes (DDP, torchrun)", method, table, [])
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -112,7 +105,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=None, help="default: results/<hardware>/scaling.md")
     args = parser.parse_args(argv)
     counts = args.processes or default_processes()
-    device = hardware.describe(torch.device("cuda" if torch.cuda.is_available() else "cpu")).split(",")[0]
+    where = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = hardware.describe(where).split(",")[0]
     batch_size = _batch_size(args.overrides)
     samples: dict[int, list[float]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory() as scratch:
@@ -121,12 +115,9 @@ def main(argv: list[str] | None = None) -> Path:
                 run_dir = Path(scratch) / f"round{round_ + 1}-{n}"
                 samples[n].append(measure(n, args.overrides, args.batches, args.threads, run_dir))
                 print(f"round {round_ + 1}: {n} processes: {samples[n][-1]:,.0f} samples/s", flush=True)
-    rows = [
-        {"processes": n, "samples_per_s": statistics.median(values),
-         "spread": 100 * (max(values) - min(values)) / statistics.median(values)}
-        for n, values in samples.items()
-    ]  # fmt: skip
-    out = args.out or REPO / "results" / re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") / "scaling.md"
+    rows = [{"processes": n, "samples_per_s": statistics.median(values), "spread": spread(values)}
+            for n, values in samples.items()]  # fmt: skip
+    out = args.out or hardware.results_dir(where) / "scaling.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(rows, args, device, batch_size))
     print(out)

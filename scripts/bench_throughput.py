@@ -32,7 +32,6 @@ import argparse
 import datetime
 import itertools
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -46,15 +45,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from xgrad import hardware
-from xgrad.builder import RunParts, build, build_run, place_data
+from xgrad.builder import benchmark_arm, build_data
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, to_device
-from xgrad.loggers import RunLogger
-from xgrad.report.tables import benchmark_page
+from xgrad.report.tables import benchmark_page, spread
 from xgrad.running_loss import RunningLoss
 from xgrad.train import CONF_DIR, resolve_device
 
-REPO = Path(__file__).resolve().parent.parent
 #: model → the overrides that compose it at the paper's protocol (its batch size), on data present offline
 CELLS = {
     "lenet": "+protocol=paper/cifar10_lenet data=fashion_mnist",
@@ -70,7 +67,7 @@ CELLS = {
 }
 #: what a CPU measures by default: the small models, at a reduced batch, in a few minutes
 CPU_MODELS, CPU_BATCH = ("lenet", "vae", "lstm1"), 32
-QUIET = ("logger=none", "trainer.progress=false", "optimizer=adam")
+QUIET = ("logger=none", "trainer.progress=false", "optimizer=adam", "xgrad=on")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -108,8 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
             row = rows[-1]
             print(f"{model}: baseline {row['baseline']:,.0f} {row['unit']}/s, XGrad {row['xgrad']:,.0f} "
                   f"({row['baseline'] / row['xgrad']:.3f}x per iteration)", flush=True)  # fmt: skip
-    name = hardware.describe(device).split(",")[0]
-    out = args.out or REPO / "results" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") / "throughput.md"
+    out = args.out or hardware.results_dir(device) / "throughput.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(rows, skipped, hardware.describe(device), args))
     print(out)
@@ -118,8 +114,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def measure(cfg: DictConfig, device: torch.device, args: argparse.Namespace) -> dict:
     """Both arms' median samples per second over their blocks, and the largest spread of an arm's blocks."""
-    data = build(cfg.data.module)
-    place_data(data, cfg, device)
+    data = build_data(cfg, device)
     with tempfile.TemporaryDirectory() as scratch:
         arms = {name: _Arm(cfg, data, device, Path(scratch) / name, xgrad=name == "xgrad") for name in ("baseline", "xgrad")}
         for arm in arms.values():
@@ -128,39 +123,32 @@ def measure(cfg: DictConfig, device: torch.device, args: argparse.Namespace) -> 
         for _ in range(args.rounds):
             for name, arm in arms.items():
                 rates[name].append(arm.block(args.block_seconds))
-    parts = arms["baseline"].parts
+    engine = arms["baseline"].engine
     return {
         "data": cfg.data.name, "model": cfg.model.name, "batch": cfg.data.batch_size, "unit": data.sizes()["unit"],
-        "parameters": sum(p.numel() for p in parts.model.parameters()), "precision": parts.settings.precision,
-        "channels_last": parts.settings.channels_last, "compile": bool(cfg.trainer.compile),
+        "parameters": sum(p.numel() for p in engine.model.parameters()), "precision": engine.settings.precision,
+        "channels_last": engine.settings.channels_last, "compile": bool(cfg.trainer.compile),
         "baseline": statistics.median(rates["baseline"]), "xgrad": statistics.median(rates["xgrad"]),
-        "spread": max(100 * (max(r) - min(r)) / statistics.median(r) for r in rates.values()),
+        "spread": max(spread(blocks) for blocks in rates.values()),
     }  # fmt: skip
 
 
 class _Arm:
-    """One arm of a comparison: its parts, its engine and its endless stream of the run's batches."""
+    """One arm of a comparison: its engine and its endless stream of the run's batches."""
 
     def __init__(self, cfg: DictConfig, data, device: torch.device, run_dir: Path, xgrad: bool):
-        if not xgrad:
-            cfg = cfg.copy()
-            cfg.xgrad = {"enabled": False}
-        self.parts: RunParts = build_run(cfg, device, data=data)
-        self.engine: Engine = self.parts.engine(run_dir, RunLogger(run_dir, {}))
-        self.device = device
-        self.parts.forward.train()
-        self.parts.task.start_epoch(self.parts.forward, training=True)
+        self.engine: Engine = benchmark_arm(cfg, data, device, run_dir, xgrad)
         epochs = (data.train_batches(epoch, cfg.seed) for epoch in itertools.count())
         self._batches: Iterator = itertools.chain.from_iterable(epochs)
-        self._steps_per_block = 1
 
     def _steps(self, count: int) -> tuple[int, float]:
         """Train ``count`` steps as the engine's loop does; the samples they took and the seconds, device included."""
-        running = RunningLoss(0.0, 0, self.engine.step)
-        self._synchronize()
+        engine = self.engine
+        running = RunningLoss(0.0, 0, engine.step)
+        hardware.synchronize(engine.device)
         started = time.perf_counter()
         for batch in itertools.islice(self._batches, count):
-            running.add(self.engine.train_step(to_device(batch, self.device, self.parts.settings.channels_last)))
+            running.add(engine.train_step(to_device(batch, engine.device, engine.settings.channels_last)))
         samples = running.read().samples  # waits for the device
         return samples, time.perf_counter() - started
 
@@ -174,10 +162,6 @@ class _Arm:
         """Samples per second over about ``seconds`` of training."""
         samples, elapsed = self._steps(max(1, round(seconds / self._seconds_per_step)))
         return samples / elapsed
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 COLUMNS = ["data", "model", "parameters (M)", "batch", "precision", "channels-last", "compiled", "baseline samples/s",

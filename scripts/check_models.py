@@ -28,8 +28,11 @@ import time
 import traceback
 from pathlib import Path
 
+import pandas as pd
 from hydra import compose, initialize_config_dir
 
+from xgrad.distributed import one_line
+from xgrad.report.tables import markdown_table
 from xgrad.train import CONF_DIR, run
 
 MODELS = sorted(path.stem for path in (Path(CONF_DIR) / "model").glob("*.yaml"))
@@ -95,7 +98,7 @@ def check(model: str, precision: str, compiled: bool, args: argparse.Namespace, 
         outcome = {"status": "ok", "loss": f"{line['train/loss']:.4f}"}
     except Exception as error:  # noqa: BLE001 -- every check runs; the table says which failed and why
         traceback.print_exc()
-        outcome = {"status": "FAILED", "loss": (str(error).strip().splitlines() or [type(error).__name__])[0]}
+        outcome = {"status": "FAILED", "loss": one_line(error)}
     return {"model": model, "precision": precision, "compiled": compiled, "seconds": time.perf_counter() - started,
             **outcome}  # fmt: skip
 
@@ -104,16 +107,18 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    table = pd.DataFrame(
+        [[r["model"], r["precision"], "yes" if r["compiled"] else "no", r["status"], f"{r['seconds']:.1f}", r["loss"]]
+         for r in rows],
+        columns=["model", "precision", "compiled", "status", "seconds", "train/loss or error"],
+    )  # fmt: skip
     lines = [
         "# Every model, two training batches with XGrad (s = 1)",
         "",
         f"torch {torch.__version__} · {device} · {'toy sizes' if args.tiny else 'paper sizes'} · overrides: "
         f"{' '.join(args.overrides) or 'none'}",
         "",
-        "| model | precision | compiled | status | seconds | train/loss or error |",
-        "|---|---|---|---|---:|---|",
-        *(f"| {r['model']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['status']} | "
-          f"{r['seconds']:.1f} | {r['loss'].replace('|', '/')} |" for r in rows),  # fmt: skip
+        markdown_table(table),
         "",
     ]
     return "\n".join(lines)

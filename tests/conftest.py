@@ -8,6 +8,7 @@ per ``python -m xgrad.train``.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pickle
 import subprocess
@@ -112,18 +113,101 @@ def main_with(monkeypatch, *argv: str) -> int:
 def start_into_epoch_two(*args: str, run_dir: Path, cwd: Path) -> subprocess.Popen:
     """``python -m xgrad.train <test overrides> args`` in a subprocess, returned once epoch 1's checkpoint is on disk.
 
-    Its stderr is a pipe (read it after the process ends); stdout is discarded.
+    It inherits this process's offline environment (set above). Its stderr is a
+    pipe (read it after the process ends); stdout is discarded.
     """
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [sys.executable, "-m", "xgrad.train", *TEST_OVERRIDES, *args, f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (run_dir / "summary.json").exists():  # written right after epoch 1's checkpoint
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"epoch 1 did not end within 120 s: {process.communicate()[1]}")
-        time.sleep(0.02)
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_epoch_one(process, run_dir)
     return process
+
+
+def wait_for_epoch_one(process: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
+    """Return once ``run_dir/summary.json`` exists (written right after epoch 1's checkpoint).
+
+    If ``process`` ends first, or ``timeout`` seconds pass, it is killed and the
+    test fails with its stderr (a pipe).
+    """
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "summary.json").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            code = process.poll()
+            process.kill()
+            raise AssertionError(f"epoch 1 did not end within {timeout:g} s (exit status {code}): "
+                                 f"{process.communicate()[1]}")  # fmt: skip
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- reading a run directory
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timing fields, which are the only ones allowed to differ."""
+    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in metrics(run_dir)]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- patching the training step
+
+
+class SimulatedCrash(Exception):
+    """Stands for the process dying (or being stopped) in the middle of a run."""
+
+
+def at_step(monkeypatch, step: int, action, task=None) -> list[int]:
+    """Call ``action()`` inside training step ``step`` (counted from now), before its loss is computed.
+
+    ``task`` is the task class whose ``train_loss`` is patched (Classification
+    when None). Returns the list of steps taken from now on (one item per step).
+    """
+    if task is None:
+        from xgrad.tasks.classification import Classification as task
+    steps, original = [], task.train_loss
+
+    def train_loss(self, model, batch):
+        steps.append(1)
+        if len(steps) == step:
+            action()
+        return original(self, model, batch)
+
+    monkeypatch.setattr(task, "train_loss", train_loss)
+    return steps
+
+
+def count_steps(monkeypatch, task=None) -> list[int]:
+    """Count the training steps from now on (one list item per step)."""
+    return at_step(monkeypatch, 0, lambda: None, task)
+
+
+def fail_at_step(monkeypatch, step: int, error: Exception | None = None) -> None:
+    """Make the ``step``-th training loss (counted from now) raise ``error``, or come out NaN when ``error`` is None."""
+    from xgrad.tasks.classification import Classification
+
+    calls = itertools.count(1)
+    original = Classification.train_loss
+
+    def train_loss(self, model, batch):
+        loss, n = original(self, model, batch)
+        if next(calls) == step:
+            if error is not None:
+                raise error
+            loss = loss * float("nan")
+        return loss, n
+
+    monkeypatch.setattr(Classification, "train_loss", train_loss)
 
 
 def write_cifar(root: Path, variant: str, per_file: int, seed: int = 0, row_length: int = 3072) -> dict:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TEST_OVERRIDES
+from conftest import TEST_OVERRIDES, summary, untimed
 from xgrad import checkpoint, distributed
 from xgrad.distributed import Launch
 from xgrad.run_dir import RunDirectory, RunDirRefused
@@ -43,21 +43,12 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def environment(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", **extra}  # fmt: skip
+    """This process's (offline) environment, one thread per rank, and ``extra``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
 def launch(command: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=environment(**extra), capture_output=True, text=True, timeout=180)
-
-
-def untimed(run_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")

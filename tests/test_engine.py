@@ -7,7 +7,6 @@ without prediction, checkpoint, resume and evaluate, in about a second.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import signal
@@ -19,50 +18,17 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF_DIR, TEST_OVERRIDES, main_with, start_into_epoch_two
+from conftest import (CONF_DIR, TEST_OVERRIDES, SimulatedCrash, fail_at_step, main_with, metrics,
+                      start_into_epoch_two, summary, untimed)
 from xgrad import checkpoint
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import TrainingFailed
-from xgrad.tasks.classification import Classification
 from xgrad.run_dir import RunDirRefused
 from xgrad.train import ConfigError
 
 #: small batches keep every run here around a second
 SMALL = ("data.batch_size=32", "data.eval_batch_size=100")
 OPTIMIZERS = sorted(p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml"))
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def untimed(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without the timing fields, which are the only ones allowed to differ."""
-    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in metrics(run_dir)]
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def fail_at_step(monkeypatch, step: int, error: Exception | None = None) -> None:
-    """Make the ``step``-th training loss raise ``error``, or come out NaN when ``error`` is None."""
-    calls = itertools.count(1)
-    original = Classification.train_loss
-
-    def train_loss(self, model, batch):
-        loss, n = original(self, model, batch)
-        if next(calls) == step:
-            if error is not None:
-                raise error
-            loss = loss * float("nan")
-        return loss, n
-
-    monkeypatch.setattr(Classification, "train_loss", train_loss)
-
-
-class Interrupted(Exception):
-    """Stands for the process being stopped in the middle of an epoch."""
 
 
 # ---------------------------------------------------------------- optimizers
@@ -163,10 +129,10 @@ def test_resume_after_an_interrupted_epoch_ends_like_an_uninterrupted_run(train_
     whole = train_run(*args)
     run_dir = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
-        fail_at_step(patch, 5, Interrupted("stopped in epoch 2"))
-        with pytest.raises(Interrupted):
+        fail_at_step(patch, 5, SimulatedCrash("stopped in epoch 2"))
+        with pytest.raises(SimulatedCrash):
             train_run(*args, f"hydra.run.dir={run_dir}")
-    assert summary(run_dir)["status"] == "failed" and "Interrupted" in summary(run_dir)["reason"]
+    assert summary(run_dir)["status"] == "failed" and "SimulatedCrash" in summary(run_dir)["reason"]
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
     assert len(metrics(run_dir)) == 1
 

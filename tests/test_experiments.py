@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR, write_cifar
 from xgrad.callbacks import SweepReports, claim_slot
 from xgrad.data.base import DatasetMissingError
+from xgrad.report.tables import spread
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
@@ -412,7 +413,7 @@ def test_overhead_benchmark_times_both_arms_and_lists_what_it_cannot_run(tmp_pat
     rounding = 100 * 0.005 * (1 / baseline_ms + xgrad_ms / baseline_ms**2) + 0.05
     assert abs(float(row[7].rstrip("%")) - 100 * (xgrad_ms / baseline_ms - 1)) <= rounding
     assert row[8].startswith("±") and float(row[8].strip("±%")) >= 0
-    assert bench._spread([0.010, 0.012, 0.011]) == pytest.approx(100 * 0.002 / 0.011)
+    assert spread([0.010, 0.012, 0.011]) == pytest.approx(100 * 0.002 / 0.011)
     assert "n/a (CPU)" in row[9]
     assert any(line.startswith("| mnist | vae | adam |") for line in text.splitlines())
     not_measured = text.split("## Not measured", 1)[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import pickle
 import tempfile
@@ -14,17 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import main_with, write_cifar
+from conftest import main_with, snapshot, summary, write_cifar
 from xgrad import atomic, checkpoint
 from xgrad.checkpoint import UnreadableCheckpoint
 from xgrad.run_dir import RunDirRefused
 from xgrad.schema import ConfigError
 
 SMALL = ("data.batch_size=32", "data.eval_batch_size=100")
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 class Planted:
@@ -49,9 +44,12 @@ def damage(path: Path, how: str, tmp_path: Path) -> None:
         torch.save({"model": Planted(tmp_path / "ran")}, path)
     elif how == "not-a-checkpoint":
         torch.save({"weights": torch.zeros(2)}, path)
+    elif how == "engine-only":  # the engine's state without the entry point's config and W&B id
+        state = torch.load(path, weights_only=True)
+        torch.save({k: v for k, v in state.items() if k not in ("config", "wandb_id")}, path)
 
 
-@pytest.mark.parametrize("how", ["truncated", "empty", "random", "objects", "not-a-checkpoint"])
+@pytest.mark.parametrize("how", ["truncated", "empty", "random", "objects", "not-a-checkpoint", "engine-only"])
 def test_a_damaged_checkpoint_is_refused_in_one_line_naming_it(train_run, tmp_path, how):
     run_dir = tmp_path / "run"
     train_run(f"hydra.run.dir={run_dir}", "trainer.epochs=1", *SMALL)
@@ -113,7 +111,7 @@ def test_a_checkpoint_that_cannot_be_written_fails_in_one_line_and_keeps_the_las
                                  "(the previous version of the file, if any, is intact)")  # fmt: skip
     assert checkpoint.load(last)["epoch"] == 1  # epoch 1's, whole
     assert not list(run_dir.rglob("*.tmp"))
-    result = json.loads((run_dir / "summary.json").read_text())
+    result = summary(run_dir)
     assert result["status"] == "failed" and str(last) in result["reason"]
 
 

@@ -8,15 +8,14 @@ in a GPU run (the optimizers' step counts) are not counted.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from conftest import summary, untimed
 from xgrad import WeightPredictor, performance
 from xgrad.engine import Engine
 from xgrad.schema import ConfigError
@@ -26,11 +25,6 @@ TINY_PTB = ("model=lstm1", "data=ptb", "model.net.emb_size=16", "model.net.hidde
             "data.eval_batch_size=4", "data.bptt=8")  # fmt: skip
 #: the Tensor methods that read a value off the tensor's device
 READS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
-
-
-def untimed(run_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
 
 
 class CountReads(TorchFunctionMode):
@@ -194,7 +188,7 @@ def test_a_joblib_job_takes_the_cores_divided_by_the_jobs(train_run):
         assert torch.get_num_threads() == max(cores // 2, 1)
     finally:
         torch.set_num_threads(before)
-    assert json.loads((run_dir / "summary.json").read_text())["hardware"].endswith(f", {max(cores // 2, 1)} threads")
+    assert summary(run_dir)["hardware"].endswith(f", {max(cores // 2, 1)} threads")
 
 
 @pytest.mark.parametrize(("configured", "n_jobs", "expected"), [(None, 2, "half"), (None, -1, 1), (3, 2, 3)])
@@ -205,3 +199,16 @@ def test_threads_per_job(configured, n_jobs, expected):
     assert performance.threads_per_job(configured, joblib) == wanted
     assert performance.threads_per_job(None, {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}) is None
     assert performance.threads_per_job(None, None) is None
+
+
+def test_a_benchmarks_xgrad_arm_predicts_and_its_baseline_does_not(compose_config, tmp_path):
+    """The two arms bench_throughput and bench_overhead time side by side: one with a predictor, one without."""
+    from xgrad.builder import benchmark_arm, build_data
+
+    cfg = compose_config("xgrad=on", "logger=none")
+    data = build_data(cfg, torch.device("cpu"))
+    baseline = benchmark_arm(cfg, data, torch.device("cpu"), tmp_path / "baseline", xgrad=False)
+    xgrad = benchmark_arm(cfg, data, torch.device("cpu"), tmp_path / "xgrad", xgrad=True)
+    assert baseline.predictor is None and isinstance(xgrad.predictor, WeightPredictor)
+    with pytest.raises(ValueError, match=r"xgrad=on"):  # an XGrad arm without XGrad would time the baseline twice
+        benchmark_arm(compose_config("xgrad=off"), data, torch.device("cpu"), tmp_path / "off", xgrad=True)

@@ -9,18 +9,17 @@ test_engine.py.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import TEST_OVERRIDES, start_into_epoch_two
+from conftest import (TEST_OVERRIDES, SimulatedCrash, at_step, count_steps, fail_at_step, start_into_epoch_two,
+                      summary, untimed, wait_for_epoch_one)
 from xgrad import checkpoint
 from xgrad.preemption import PREEMPT_SIGNAL, Interrupted, StopSignals
 from xgrad.tasks.classification import Classification
@@ -33,35 +32,8 @@ ARGS = ("optimizer=sgdm", "xgrad=on", "scheduler=multistep", "scheduler.mileston
         "trainer.limit_train_batches=5", "data.module.augment=true", *SMALL)  # fmt: skip
 
 
-def untimed(run_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def at_step(monkeypatch, step: int, action, task=Classification) -> list[int]:
-    """Call ``action()`` inside training step ``step`` (counted from now); returns the list of steps taken."""
-    steps, original = [], task.train_loss
-
-    def train_loss(self, model, batch):
-        steps.append(1)
-        if len(steps) == step:
-            action()
-        return original(self, model, batch)
-
-    monkeypatch.setattr(task, "train_loss", train_loss)
-    return steps
-
-
 def send(signum: int):
     return lambda: os.kill(os.getpid(), signum)
-
-
-def count_steps(monkeypatch, task=Classification) -> list[int]:
-    return at_step(monkeypatch, 0, lambda: None, task)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -103,17 +75,10 @@ def test_periodic_checkpoints_bound_what_a_crash_loses(train_run, monkeypatch, t
     """With checkpoint_every_n_steps=2, a crash at step 8 loses one step (7), not the epoch."""
     args = (*ARGS, "trainer.checkpoint_every_n_steps=2")
     whole = train_run(*args)
-
-    class Crash(Exception):
-        pass
-
-    def crash():
-        raise Crash
-
     run_dir = tmp_path / "crashed"
     with monkeypatch.context() as patch:
-        at_step(patch, 8, crash)
-        with pytest.raises(Crash):
+        fail_at_step(patch, 8, SimulatedCrash("step 8"))
+        with pytest.raises(SimulatedCrash):
             train_run(*args, f"hydra.run.dir={run_dir}")
     assert summary(run_dir)["status"] == "failed"
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
@@ -209,18 +174,12 @@ def test_under_submitit_the_preemption_signal_requeues_the_job_and_it_resumes_mi
     handler requeues it (locally: exit code 144, and its controller starts the job again), the job resumes."""
     args = ("xgrad=on", "trainer.epochs=2", "trainer.limit_train_batches=600", *SMALL)
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [sys.executable, "-m", "xgrad.train", "-m", "hydra/launcher=submitit_local", *TEST_OVERRIDES, *args,
                f"hydra.sweep.dir={sweep}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run_dir = sweep / "0"
     try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "summary.json").exists():
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "epoch 1 not done after 180 s"
-            time.sleep(0.05)
+        wait_for_epoch_one(process, run_dir, timeout=180)
         time.sleep(0.3)
         job = int((run_dir / "run.lock").read_text().split()[1])  # "pid <pid> on <host> since ..."
         os.kill(job, PREEMPT_SIGNAL)

@@ -15,41 +15,13 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import TEST_OVERRIDES, main_with
+from conftest import TEST_OVERRIDES, SimulatedCrash, count_steps, fail_at_step, main_with, snapshot, summary, untimed
 from xgrad.run_dir import RunDirectory, RunDirRefused, record_refusal
-from xgrad.tasks.classification import Classification
 
 SMALL = ("data.batch_size=32", "data.eval_batch_size=100")
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` and its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def untimed(run_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def count_steps(monkeypatch) -> list[int]:
-    """Count the training batches from now on (one list item per batch)."""
-    steps, original = [], Classification.train_loss
-
-    def train_loss(self, model, batch):
-        steps.append(1)
-        return original(self, model, batch)
-
-    monkeypatch.setattr(Classification, "train_loss", train_loss)
-    return steps
 
 
 # ---------------------------------------------------------------- the lock
@@ -90,10 +62,9 @@ def test_a_file_system_without_locks_warns_and_one_that_refuses_files_is_one_lin
 def test_two_runs_started_together_into_one_directory_leave_one_run(tmp_path):
     """The issue's race: lr 0.001 and 0.01 into one hydra.run.dir, started together; one trains, one is refused."""
     run_dir = tmp_path / "shared"
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     args = [*TEST_OVERRIDES, "trainer.limit_train_batches=300", *SMALL, f"hydra.run.dir={run_dir}"]
     processes = {
-        lr: subprocess.Popen([sys.executable, "-m", "xgrad.train", *args, f"optimizer.lr={lr}"], cwd=tmp_path, env=env,
+        lr: subprocess.Popen([sys.executable, "-m", "xgrad.train", *args, f"optimizer.lr={lr}"], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for lr in (0.001, 0.01)
     }  # fmt: skip
@@ -192,8 +163,8 @@ def test_changing_epochs_of_a_cosine_run_is_refused_saying_why(train_run, monkey
     run_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
         if stop_at_step is not None:
-            crash_at_step(patch, stop_at_step)
-        with pytest.raises(Crash) if stop_at_step is not None else contextlib.nullcontext():
+            fail_at_step(patch, stop_at_step, SimulatedCrash(f"step {stop_at_step}"))
+        with pytest.raises(SimulatedCrash) if stop_at_step is not None else contextlib.nullcontext():
             train_run(f"hydra.run.dir={run_dir}", f"trainer.epochs={epochs}", *args)
     before = snapshot(run_dir)
     with pytest.raises(RunDirRefused, match=rf"^trainer.epochs={new_epochs}: .* toward trainer.epochs={epochs} with a "
@@ -203,19 +174,3 @@ def test_changing_epochs_of_a_cosine_run_is_refused_saying_why(train_run, monkey
     assert snapshot(run_dir) == before
     train_run(f"hydra.run.dir={run_dir}", f"trainer.epochs={epochs}", *args)  # its own length: trains on, or is done
     assert summary(run_dir)["status"] == "completed"
-
-
-class Crash(Exception):
-    """Stands for a process that died mid-run."""
-
-
-def crash_at_step(monkeypatch, step: int) -> None:
-    calls, original = [], Classification.train_loss
-
-    def train_loss(self, model, batch):
-        calls.append(1)
-        if len(calls) == step:
-            raise Crash(f"step {step}")
-        return original(self, model, batch)
-
-    monkeypatch.setattr(Classification, "train_loss", train_loss)

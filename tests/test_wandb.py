@@ -8,15 +8,13 @@ process, so each test starts and ends with ``wandb.teardown()``.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
-from xgrad.tasks.classification import Classification
+from conftest import at_step, summary
 
 SMALL = ("data.batch_size=32", "data.eval_batch_size=100")
 BOGUS_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -36,18 +34,10 @@ def fresh_wandb(monkeypatch, tmp_path):
     wandb.teardown()
 
 
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
 def first_step_time(monkeypatch) -> list[float]:
-    times, original = [], Classification.train_loss
-
-    def train_loss(self, model, batch):
-        times.append(time.monotonic())
-        return original(self, model, batch)
-
-    monkeypatch.setattr(Classification, "train_loss", train_loss)
+    """The time.monotonic() at which the first training step starts (the list's one item, once it has)."""
+    times = []
+    at_step(monkeypatch, 1, lambda: times.append(time.monotonic()))
     return times
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from xgrad import distributed, performance
 from xgrad.data.base import DatasetMissingError
-from xgrad.distributed import World
+from xgrad.distributed import World, one_line
 from xgrad.engine import Engine, Settings
 from xgrad.loggers import RunLogger
 from xgrad.preemption import StopSignals
@@ -73,8 +73,8 @@ def build_run(cfg: DictConfig, device: torch.device, world: World | None = None,
     The order is the one every run has always had (it decides the random
     draws): threads and seeds, data, model, task, optimizer, predictor,
     scheduler; then the compiled and distributed wrappers, and the other
-    ranks' random streams seeded apart. ``data``: a data module built (and
-    placed) earlier from the same config, which the benchmarks share between
+    ranks' random streams seeded apart. ``data``: a data module built earlier
+    from the same config (:func:`build_data`), which the benchmarks share between
     the runs they compare (building data draws no random numbers).
     """
     world = world if world is not None else World()
@@ -85,9 +85,7 @@ def build_run(cfg: DictConfig, device: torch.device, world: World | None = None,
     performance.use_tf32(device, trainer.tf32)
     seed_everything(cfg.seed, trainer.deterministic)
     if data is None:
-        data = build(cfg.data.module)
-        share_batches(data, world)
-        place_data(data, cfg, device)
+        data = build_data(cfg, device, world)
     channels_last = uses_channels_last(cfg, device)
     model = build(cfg.model.net).to(device)
     if channels_last:
@@ -117,6 +115,37 @@ def build_run(cfg: DictConfig, device: torch.device, world: World | None = None,
         predictor=predictor, scheduler=scheduler, device=device, settings=settings(trainer, channels_last),
         seed=cfg.seed, world=world,
     )  # fmt: skip
+
+
+def build_data(cfg: DictConfig, device: torch.device, world: World | None = None) -> Any:
+    """The run's data module, handing this rank its share of every batch, placed on ``device`` as configured.
+
+    One function for :func:`build_run` and the benchmarks, which build the data
+    once and share it between the runs they compare.
+    """
+    data = build(cfg.data.module)
+    share_batches(data, world if world is not None else World())
+    place_data(data, cfg, device)
+    return data
+
+
+def benchmark_arm(cfg: DictConfig, data: Any, device: torch.device, run_dir: Path, xgrad: bool) -> Engine:
+    """The engine of one arm of a baseline-versus-XGrad benchmark, ready for :meth:`~xgrad.engine.Engine.train_step`.
+
+    Built and put in training mode as a run's epoch starts, so that the
+    benchmarks time what a run does. The baseline arm is ``cfg`` with
+    ``xgrad.enabled`` false; the XGrad arm is ``cfg`` as it is.
+    """
+    if xgrad and not cfg.xgrad.enabled:  # the two arms would time the same thing
+        raise ValueError("the XGrad arm of a benchmark needs a config with xgrad enabled (xgrad=on)")
+    if not xgrad:
+        cfg = cfg.copy()
+        cfg.xgrad = {"enabled": False}
+    parts = build_run(cfg, device, data=data)
+    engine = parts.engine(run_dir, RunLogger(run_dir, {}))
+    parts.forward.train()
+    parts.task.start_epoch(parts.forward, training=True)
+    return engine
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -198,12 +227,6 @@ def call(what: str, factory: Callable[..., Any], *args: Any) -> Any:
         return factory(*args)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{what}: {one_line(error)}") from error
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's first line (its type's name when it has no message)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def constructor(node: DictConfig) -> DictConfig:

@@ -43,8 +43,11 @@ def save(state: dict[str, Any], path: Path) -> None:
     atomic.replace(path, lambda f: torch.save(state, f))
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save` onto the CPU, or refuse it (:class:`UnreadableCheckpoint`)."""
+def load(path: Path, required: tuple[str, ...] = REQUIRED) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save` onto the CPU, or refuse it (:class:`UnreadableCheckpoint`).
+
+    ``required``: the keys it must hold (the engine's by default; the entry point adds its own).
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as error:
@@ -53,7 +56,7 @@ def load(path: Path) -> dict[str, Any]:
         raise UnreadableCheckpoint(path, _why(error)) from None
     if not isinstance(state, dict):
         raise UnreadableCheckpoint(path, f"it holds a {type(state).__name__}, not a checkpoint's dict")
-    if missing := [key for key in REQUIRED if key not in state]:
+    if missing := [key for key in required if key not in state]:
         raise UnreadableCheckpoint(path, f"no {', '.join(missing)} in it")
     return state
 

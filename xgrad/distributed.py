@@ -156,7 +156,7 @@ class World:
             try:
                 outcome = [(action(), None)]
             except Exception as raised:  # noqa: BLE001 -- whatever it is, the other ranks must hear of it
-                error, outcome = raised, [(None, _one_line(raised))]
+                error, outcome = raised, [(None, one_line(raised))]
         dist.broadcast_object_list(outcome, src=0)
         value, message = outcome[0]
         if error is not None:
@@ -180,7 +180,7 @@ class World:
         except Exception as raised:  # noqa: BLE001
             error = raised
         messages: list[Any] = [None] * self.size
-        dist.all_gather_object(messages, None if error is None else _one_line(error))
+        dist.all_gather_object(messages, None if error is None else one_line(error))
         if error is not None:
             raise error
         failed = next((rank for rank, message in enumerate(messages) if message is not None), None)
@@ -271,6 +271,7 @@ def start(where: Launch, device: torch.device) -> World:
     return World(where.rank, where.world_size, backend)
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An exception's first line (its type's name when it has no message)."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__

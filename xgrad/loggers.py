@@ -53,11 +53,6 @@ log = logging.getLogger(__name__)
 REACH_TIMEOUT_S = 5.0
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename (never a half-written file)."""
-    atomic.write_text(path, text)
-
-
 def _finite(value: Any) -> bool:
     """A real number that is not NaN or infinite (a diverged epoch never becomes "best")."""
     return isinstance(value, (int, float)) and math.isfinite(value)
@@ -151,7 +146,7 @@ def write_refusal(run_dir: Path, identity: dict[str, Any], reason: str) -> None:
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {**identity, "best": None, "final": None, "epochs": 0, "status": "failed", "reason": reason}
-    write_atomic(run_dir / "summary.json", json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
+    atomic.write_text(run_dir / "summary.json", json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
 
 
 class WandbRun:
@@ -309,7 +304,7 @@ class RunLogger:
         if not self.writes:
             return
         lines = "".join(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n" for r in history)
-        write_atomic(self.metrics_file, lines)
+        atomic.write_text(self.metrics_file, lines)
 
     def write_summary(
         self,
@@ -356,7 +351,7 @@ class RunLogger:
             # everything a table needs, so that `make_tables.py --wandb` reads what summary.json holds
             self.wandb.set_summary({k: v for k, v in summary.items() if not k.startswith("wandb_")})
         if self.writes:
-            write_atomic(self.summary_file, json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
+            atomic.write_text(self.summary_file, json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
         return summary
 
     def finish(self, status: str) -> None:

@@ -14,7 +14,7 @@ stay bit-identical to those the results tables were made from:
 - data on the device (``data.on_device=auto``): on CUDA, datasets small
   enough to sit in memory are moved to the GPU once and batched there
   (xgrad/data/images.py, xgrad/data/ptb.py).
-- compile (``trainer.compile``, xgrad/build.py): one process compiles the
+- compile (``trainer.compile``, xgrad/builder.py): one process compiles the
   model once, and trains and evaluates through that one compiled module
   (dynamo keeps a graph per mode); several processes compile the DDP wrapper
   for training, so that the all-reduce overlaps the backward pass, and the

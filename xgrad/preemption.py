@@ -100,12 +100,10 @@ class StopSignals:
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
-    def interrupted(self, where: str, signum: int | None = None) -> Interrupted:
+    def interrupted(self, where: str, signum: int) -> Interrupted:
         """The exception to raise once the checkpoint is written.
 
         ``signum``: the signal the ranks of a run agreed to stop on, which this
-        process may not have received itself (default: the one it received).
+        process may not have received itself.
         """
-        signum = signum if signum is not None else self.requested
-        assert signum is not None
         return Interrupted(signum, where, self._previous.get(signum))

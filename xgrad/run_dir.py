@@ -46,10 +46,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xgrad import atomic, checkpoint
-from xgrad.trained_config import RESUME_IGNORES, flatten, is_ignored, what_it_trains
 from xgrad.loggers import write_refusal
+from xgrad.trained_config import RESUME_IGNORES, flatten, recorded, what_it_trains
 
 log = logging.getLogger(__name__)
+
+#: what the entry point (xgrad/train.py) adds to every checkpoint, and reads back on resuming
+ENTRY_POINT_KEYS = ("config", "wandb_id")
+
 
 class RunDirRefused(Exception):
     """This start may not train in this directory; the message says why and what to do, in one line."""
@@ -147,8 +151,14 @@ class RunDirectory:
         return self.record_file.is_file() or self.checkpoint_file.is_file() or self.metrics_file.is_file()
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint to resume from (None: there is none); an unreadable one is refused by :mod:`xgrad.checkpoint`."""
-        return checkpoint.load(self.checkpoint_file) if self.checkpoint_file.is_file() else None
+        """The checkpoint to resume from (None: there is none); an unreadable one is refused by :mod:`xgrad.checkpoint`.
+
+        Besides the engine's state it must hold what the entry point adds (its
+        config and W&B id), which a checkpoint of the benchmarks' engines lacks.
+        """
+        if not self.checkpoint_file.is_file():
+            return None
+        return checkpoint.load(self.checkpoint_file, required=(*checkpoint.REQUIRED, *ENTRY_POINT_KEYS))
 
     def _record(self) -> dict[str, Any] | None:
         if not self.record_file.is_file():
@@ -234,7 +244,7 @@ class RunDirectory:
             )
 
     def _same_config(self, before: dict[str, Any], now: dict[str, Any]) -> None:
-        before = {k: v for k, v in before.items() if not is_ignored(k)}  # recorded when RESUME_IGNORES was shorter
+        before = recorded(before)
         changed = [k for k in sorted(now.keys() | before.keys()) if now.get(k, "<absent>") != before.get(k, "<absent>")]
         if changed:
             diffs = "; ".join(f"{k}={before.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} now" for k in changed[:5])
@@ -253,7 +263,7 @@ class RunDirectory:
         record = {"config": fingerprint(cfg), "epochs": cfg.trainer.epochs}
         atomic.write_text(self.record_file, json.dumps(record, indent=2, default=str) + "\n")
         hydra = HydraConfig.instance().cfg if HydraConfig.initialized() else None
-        subdir = self.path / str((hydra.hydra.output_subdir if hydra is not None else None) or ".hydra")
+        subdir = self.path / ".hydra"  # Hydra's own copy is off (conf/config.yaml: hydra.output_subdir null)
         atomic.write_text(subdir / "config.yaml", OmegaConf.to_yaml(cfg))
         if hydra is not None:
             atomic.write_text(subdir / "hydra.yaml", OmegaConf.to_yaml(hydra))

@@ -64,6 +64,9 @@ def number(low: float = 0.0, *, above: bool = True) -> Rule:
     return Rule(lambda v: _number(v) and v >= low, f"a finite number >= {low:g}")
 
 
+NON_NEGATIVE = number(0, above=False)
+
+
 def one_of(*values: str) -> Rule:
     return Rule(lambda v: v in values, "one of " + ", ".join(values))
 
@@ -141,11 +144,11 @@ class SGDM:
     name: str = constant("sgdm")
     _target_: str = constant("torch.optim.SGD")
     _partial_: bool = key(True, BOOLEAN)
-    lr: float = key(0.1, number(0, above=False))
-    momentum: float = key(0.9, number(0, above=False))
-    dampening: float = key(0.0, number(0, above=False))
+    lr: float = key(0.1, NON_NEGATIVE)
+    momentum: float = key(0.9, NON_NEGATIVE)
+    dampening: float = key(0.0, NON_NEGATIVE)
     nesterov: bool = key(False, BOOLEAN)
-    weight_decay: float = key(5e-4, number(0, above=False))
+    weight_decay: float = key(5e-4, NON_NEGATIVE)
 
 
 @dataclass
@@ -153,23 +156,31 @@ class RMSprop:
     name: str = constant("rmsprop")
     _target_: str = constant("torch.optim.RMSprop")
     _partial_: bool = key(True, BOOLEAN)
-    lr: float = key(1e-3, number(0, above=False))
+    lr: float = key(1e-3, NON_NEGATIVE)
     alpha: float = key(0.99, Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"))
-    eps: float = key(1e-8, number(0, above=False))
-    momentum: float = key(0.0, number(0, above=False))
+    eps: float = key(1e-8, NON_NEGATIVE)
+    momentum: float = key(0.0, NON_NEGATIVE)
     centered: bool = key(False, BOOLEAN)
-    weight_decay: float = key(5e-4, number(0, above=False))
+    weight_decay: float = key(5e-4, NON_NEGATIVE)
 
 
 @dataclass
-class Adam:
+class _Moments:
+    """The keys every Adam-style optimizer here shares; each subclass fixes its ``name`` and ``_target_``."""
+
+    name: str = key("", TEXT)
+    _target_: str = key("", TEXT)
+    _partial_: bool = key(True, BOOLEAN)
+    lr: float = key(1e-3, NON_NEGATIVE)
+    betas: list[float] = key([0.9, 0.999], BETAS)
+    eps: float = key(1e-8, NON_NEGATIVE)
+    weight_decay: float = key(5e-4, NON_NEGATIVE)
+
+
+@dataclass
+class Adam(_Moments):
     name: str = constant("adam")
     _target_: str = constant("torch.optim.Adam")
-    _partial_: bool = key(True, BOOLEAN)
-    lr: float = key(1e-3, number(0, above=False))
-    betas: list[float] = key([0.9, 0.999], BETAS)
-    eps: float = key(1e-8, number(0, above=False))
-    weight_decay: float = key(5e-4, number(0, above=False))
     amsgrad: bool = key(False, BOOLEAN)
 
 
@@ -177,18 +188,13 @@ class Adam:
 class AdamW(Adam):
     name: str = constant("adamw")
     _target_: str = constant("torch.optim.AdamW")
-    weight_decay: float = key(1e-2, number(0, above=False))
+    weight_decay: float = key(1e-2, NON_NEGATIVE)
 
 
 @dataclass
-class AdaBelief:
+class AdaBelief(_Moments):
     name: str = constant("adabelief")
     _target_: str = constant("xgrad.optim.AdaBelief")
-    _partial_: bool = key(True, BOOLEAN)
-    lr: float = key(1e-3, number(0, above=False))
-    betas: list[float] = key([0.9, 0.999], BETAS)
-    eps: float = key(1e-8, number(0, above=False))
-    weight_decay: float = key(5e-4, number(0, above=False))
 
 
 @dataclass
@@ -217,7 +223,7 @@ class Cosine:
     _target_: str = constant("torch.optim.lr_scheduler.CosineAnnealingLR")
     _partial_: bool = key(True, BOOLEAN)
     T_max: int = key(5, integer(1))
-    eta_min: float = key(0.0, number(0, above=False))
+    eta_min: float = key(0.0, NON_NEGATIVE)
 
 
 @dataclass
@@ -412,4 +418,3 @@ def _unknown_key(cfg: DictConfig, path: str, chosen: dict[str, tuple[str, type]]
 def _first_line(error: OmegaConfBaseException) -> str:
     text = getattr(error, "msg", None) or str(error)
     return text.strip().splitlines()[0]
-

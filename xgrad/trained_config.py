@@ -49,3 +49,12 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def what_it_trains(resolved: dict[str, Any]) -> dict[str, Any]:
     """A resolved config (plain containers) as dotted keys, without :data:`RESUME_IGNORES`."""
     return {k: v for k, v in flatten(resolved).items() if not is_ignored(k)}
+
+
+def recorded(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint read back from a run's record (``run.json``, a checkpoint), without today's ignored keys.
+
+    A record written when :data:`RESUME_IGNORES` was shorter still holds keys
+    added to it since; both readers must drop them alike.
+    """
+    return {k: v for k, v in fingerprint.items() if not is_ignored(k)}

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 Split = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]
 
 
-def hold_out_last(split: Split, count: int, name: str = "val_size") -> tuple[Split, Split]:
+def hold_out_last(split: Split, count: int) -> tuple[Split, Split]:
     """``(the rest, the last count examples)`` of a training split: a validation split carved from it.
 
     The last examples, not a random draw, so the split is the same on every
@@ -39,7 +39,7 @@ def hold_out_last(split: Split, count: int, name: str = "val_size") -> tuple[Spl
     """
     images, labels = split
     if not 0 < count < len(images):
-        raise ValueError(f"{name}={count}: must be in [1, {len(images)}) (training examples held out for validation)")
+        raise ValueError(f"val_size={count}: must be in [1, {len(images)}) (training examples held out for validation)")
     cut = len(images) - count
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
 
@@ -179,12 +179,13 @@ class ImageDataModule:
                 break
             offsets = draw_crops(len(index), self.crop_padding, generator) if self.crop_padding else None
             mirrored = draw_mirrors(len(index), generator) if self.flip else None
-            batch = images[index[mine]]
+            rows = index[mine]
+            batch = images[rows]
             if offsets is not None:
                 batch = crop(batch, self.crop_padding, offsets[0][mine], offsets[1][mine])
             if mirrored is not None:
                 batch = mirror(batch, mirrored[mine])
-            yield self._normalise(batch), labels[index[mine]]
+            yield self._normalise(batch), labels[rows]
 
     def _in_order(self, split: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = split

@@ -72,7 +72,7 @@ class Comparison:
     p_adjusted: float | None = None
 
     @property
-    def optimizer(self) -> str:
+    def optimizer_setting(self) -> str:
         """The optimizer with what else sets the cell apart: rows are summarised per this label."""
         return self.cell.optimizer_setting
 
@@ -197,19 +197,20 @@ def summarise(rows: Sequence[Comparison]) -> list[GroupSummary]:
     """One :class:`GroupSummary` per optimizer (per optimizer and ``s`` when it has several ``s``).
 
     A group also for all optimizers together (per ``s``) when the table holds
-    more than one optimizer: each cell is a distinct (data, model, optimizer,
-    scale), so pooling them never counts a cell twice.
+    more than one base optimizer: each cell is a distinct (data, model,
+    optimizer, scale, setting), counted once; variants of one optimizer that
+    share a baseline (an ``xgrad.rule`` sweep) are each a cell of their own.
     """
     groups: dict[tuple, list[Comparison]] = {}
     for row in rows:
         if row.steps is not None:  # a cell with no XGrad run yet compares nothing; its table row says so
-            groups.setdefault((row.optimizer, row.steps), []).append(row)
+            groups.setdefault((row.optimizer_setting, row.steps), []).append(row)
     several_steps = {opt for opt, steps in groups if sum(o == opt for o, _ in groups) > 1}
     summaries = []
     for (optimizer, steps), members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
         label = optimizer + (f", s={steps}" if optimizer in several_steps else "")
         summaries.append(summarise_group(label, members))
-    optimizers = {row.optimizer for row in rows}
+    optimizers = {row.cell.optimizer for row in rows}
     if len(optimizers) > 1:
         all_steps = sorted({row.steps for row in rows if row.steps is not None})
         for steps in all_steps:

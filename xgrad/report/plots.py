@@ -83,10 +83,10 @@ def band(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     mean, low, high = [], [], []
     for epoch in epochs:
         values = by_epoch[epoch]
-        found = mean_interval(values)
-        mean.append(float(np.mean(values)))
-        low.append(found[1] if found else np.nan)
-        high.append(found[2] if found else np.nan)
+        middle, bottom, top = mean_interval(values) or (values[0], np.nan, np.nan)  # one run: no interval
+        mean.append(middle)
+        low.append(bottom)
+        high.append(top)
     return epochs, np.array(mean), np.array(low), np.array(high)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from xgrad.trained_config import what_it_trains
+from xgrad.trained_config import recorded, what_it_trains
 
 #: folders inside a run directory that never hold another run (not worth walking)
 _RUN_INTERNALS = {".hydra", "checkpoints", "wandb", "samples"}
@@ -69,10 +69,8 @@ class Run:
     mode: str | None = None
     best: float | None = None
     best_epoch: int | None = None
-    final: float | None = None
     test: float | None = None
     test_best: float | None = None
-    test_final: float | None = None
     epochs: int | None = None
     wall_time_s: float | None = None
     experiment: str | None = None
@@ -216,23 +214,19 @@ def _fill_from_curves(run: Run) -> None:
     epoch with the best value; ``test`` is the test metric at that epoch.
     """
     values = [v for _, v in run.curve]
+    pick = max if run.mode == "max" else min
     if run.mode in ("max", "min") and values:
-        pick = max if run.mode == "max" else min
         if run.best is None:
             run.best = pick(values)
         if run.best_epoch is None:
             run.best_epoch = next((e for e, v in run.curve if v == run.best), None)
-    if run.final is None and values:
-        run.final = values[-1]
     if run.epochs is None and run.curve:
         run.epochs = len(run.curve)
     tests = dict(run.test_curve)
     if run.test is None and run.best_epoch in tests:
         run.test = tests[run.best_epoch]
     if run.test_best is None and tests and run.mode in ("max", "min"):
-        run.test_best = (max if run.mode == "max" else min)(tests.values())
-    if run.test_final is None and run.test_curve and run.curve and run.test_curve[-1][0] == run.curve[-1][0]:
-        run.test_final = run.test_curve[-1][1]
+        run.test_best = pick(tests.values())
 
 
 def _why_unusable(run: Run, source: str) -> str:
@@ -420,10 +414,8 @@ def _outcome(summary: Mapping) -> dict:
     return dict(
         best=_finite(summary.get("best")),
         best_epoch=_integer(summary.get("best_epoch")),
-        final=_finite(summary.get("final")),
         test=_finite(summary.get("test")),
         test_best=_finite(summary.get("test_best")),
-        test_final=_finite(summary.get("test_final")),
         hardware=summary.get("hardware"),
         data_variant=summary.get("data_variant"),
         data_sizes=_sizes(summary.get("data_sizes")),
@@ -540,7 +532,7 @@ def _trained_config(path: Path) -> dict:
     """
     record = path / "run.json"
     if record.is_file():
-        return json.loads(record.read_text()).get("config", {})
+        return recorded(json.loads(record.read_text()).get("config", {}))
     composed = path / ".hydra" / "config.yaml"
     if not composed.is_file():
         return {}

@@ -3,8 +3,9 @@
 One renderer, :func:`markdown_table` (pandas' ``DataFrame.to_markdown``), draws
 every table of the suite: this module's comparison tables (written by
 ``scripts/make_tables.py`` and by the end-of-sweep callback
-``xgrad.callbacks.SweepReports``) and the overhead benchmark's
-(``scripts/bench_overhead.py``). :func:`render` is the whole document: a header
+``xgrad.callbacks.SweepReports``), the pages of the overhead, throughput and
+scaling benchmarks (:func:`benchmark_page`) and the model check's
+(``scripts/check_models.py``). :func:`render` is the whole document: a header
 saying what the numbers are, one row per (cell, s) from
 :mod:`xgrad.report.compare`, a summary per optimizer, the verdicts, and every
 run that did not count with the reason.
@@ -13,6 +14,7 @@ run that did not count with the reason.
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -55,6 +57,11 @@ def benchmark_page(title: str, method: Sequence[str], table: pd.DataFrame, not_m
     """A benchmark's page (scripts/bench_*.py): how it measured, the table, and what it could not measure."""
     skipped = [f"- {line}" for line in not_measured] or ["None."]
     return "\n".join([f"# {title}", "", *method, "", markdown_table(table), "", "## Not measured", "", *skipped, ""])
+
+
+def spread(blocks: Sequence[float]) -> float:
+    """How far a benchmark's repeated blocks differ, (largest − smallest) / median in percent: its noise column."""
+    return 100 * (max(blocks) - min(blocks)) / statistics.median(blocks)
 
 
 def render(runs: list[Run], title: str, notes: Iterable[str] = ()) -> str:
