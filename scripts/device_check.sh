@@ -53,7 +53,7 @@ DEVICE=cuda
 # what differs between the GPU and the toy check: sizes, not steps
 if [ $TINY = 1 ]; then
   MODELS_ARGS=(--tiny --compile lenet --fp16 lenet)
-  BENCH_ARGS=(--repeats 2 --optimizers SGDM Adam)
+  BENCH_ARGS=(--repeats 2 --processes 1 --optimizers SGDM Adam)
   THROUGHPUT_ARGS=(--models lenet lstm1 --batch 8 --warmup 2 --rounds 2 --block-seconds 0.2)
   DEMO_ARGS=(trainer.epochs=1 trainer.limit_train_batches=20 trainer.limit_val_batches=1)
   LSTM_ARGS=(model.net.emb_size=16 model.net.hidden_size=16 data.batch_size=4 data.eval_batch_size=4 data.bptt=8
@@ -61,7 +61,7 @@ if [ $TINY = 1 ]; then
   LSTM_EPOCHS=2 LSTM_MIN_S=0  # at most two epochs; always, however little time is left
 else
   MODELS_ARGS=()
-  BENCH_ARGS=()
+  BENCH_ARGS=(--processes 1)  # one process per row: the device time is budgeted
   THROUGHPUT_ARGS=(--rounds 3 --block-seconds 0.5)
   DEMO_ARGS=(trainer.epochs=5)
   LSTM_ARGS=()

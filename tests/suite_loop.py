@@ -44,8 +44,14 @@ def make_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def make_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=LR)
+OPTIMIZERS = {
+    "adam": lambda params: torch.optim.Adam(params, lr=LR),
+    "rmsprop": lambda params: torch.optim.RMSprop(params, lr=LR / 10),  # rule='auto': the last-update record
+}
+
+
+def make_optimizer(params, name: str = "adam") -> torch.optim.Optimizer:
+    return OPTIMIZERS[name](params)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -63,11 +69,11 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
 
 def train_suite_loop(
     batches: list, *, steps: int, accumulate: int = 1, clip: float | None = None, precision: str = "32",
-    rule: str = "auto",
+    rule: str = "auto", optimizer_name: str = "adam",
 ) -> nn.Module:
     """``make_net()`` trained on ``batches`` (``len(batches) / accumulate`` optimizer steps) by the suite's loop."""
     net = make_net()
-    optimizer = make_optimizer(net.parameters())
+    optimizer = make_optimizer(net.parameters(), optimizer_name)
     scheduler = make_scheduler(optimizer)
     predictor = WeightPredictor(optimizer, steps=steps, rule=rule)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "16-mixed")

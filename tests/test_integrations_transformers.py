@@ -23,7 +23,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from suite_loop import (
     loss_fn, make_batches, make_net, make_optimizer, make_scheduler, relative_difference, train_suite_loop,
 )
-from xgrad.integrations.transformers import STATE_FILE, XGradCallback
+from xgrad import WeightPredictor
+from xgrad.integrations.transformers import XGradCallback
+from xgrad.rules import RECORD
 
 WINDOWS = 4  # optimizer steps per run
 
@@ -84,25 +86,30 @@ def test_steps_0_is_the_plain_trainer_run(tmp_path):
     assert relative_difference(with_callback, plain) < 1e-6
 
 
-def test_a_resumed_run_ends_as_the_uninterrupted_one(tmp_path, caplog):
-    """The last-update rule's recorded direction is the predictor state a resume needs."""
+@pytest.mark.parametrize("moved", [False, True])
+def test_a_resumed_run_ends_as_the_uninterrupted_one(tmp_path, moved):
+    """The last-update rule's recorded direction is the state a resume needs: in optimizer.pt, wherever it goes."""
     batches = make_batches(WINDOWS * 2)
 
     def callbacks():
         return [XGradCallback(1, rule="last_update")]
 
     settings = dict(accumulate=2, clip=0.05, save_steps=2)
-    uninterrupted = train(batches, tmp_path, callbacks=callbacks(), **settings)  # saves checkpoint-2 and -4
-    halfway = tmp_path / "checkpoint-2"
-    resumed = train(batches, tmp_path, callbacks=callbacks(), resume_from_checkpoint=str(halfway), **settings)
+    uninterrupted = train(batches, tmp_path / "run", callbacks=callbacks(), **settings)  # checkpoint-2 and -4
+    halfway = tmp_path / "run" / "checkpoint-2"
+    if moved:
+        halfway = halfway.rename(tmp_path / "elsewhere")
+    resumed = train(batches, tmp_path / "resumed", callbacks=callbacks(), resume_from_checkpoint=str(halfway),
+                    **settings)
     assert relative_difference(resumed, uninterrupted) < 1e-6
 
-    state = torch.load(halfway / STATE_FILE, weights_only=True)
-    assert state["last_update"], "the predictor's state is in the checkpoint folder"
-    (halfway / STATE_FILE).unlink()
-    fresh = train(batches, tmp_path, callbacks=callbacks(), resume_from_checkpoint=str(halfway), **settings)
-    assert relative_difference(fresh, uninterrupted) > 1e-4, "without that state the resume is not exact"
-    assert f"no {STATE_FILE} in" in caplog.text, "and the callback says it started fresh"
+    optimizer_state = torch.load(halfway / "optimizer.pt", weights_only=True)
+    assert all(RECORD in entry for entry in optimizer_state["state"].values()), "the records are in optimizer.pt"
+    for entry in optimizer_state["state"].values():
+        del entry[RECORD]
+    torch.save(optimizer_state, halfway / "optimizer.pt")
+    fresh = train(batches, tmp_path / "fresh", callbacks=callbacks(), resume_from_checkpoint=str(halfway), **settings)
+    assert relative_difference(fresh, uninterrupted) > 1e-4, "without the records the resume is not exact"
 
 
 def test_a_window_cut_short_leaves_the_real_weights(tmp_path):
@@ -116,3 +123,35 @@ def test_a_window_cut_short_leaves_the_real_weights(tmp_path):
     batches = make_batches(WINDOWS * 2)
     trained = train(batches, tmp_path, callbacks=[XGradCallback(1), StopInTheSecondWindow()], accumulate=2)
     assert relative_difference(trained, train_suite_loop(batches[:2], steps=1, accumulate=2)) < 1e-6
+
+
+def test_repeated_train_calls_leave_no_predictor_behind(tmp_path):
+    """One Trainer, one optimizer (passed in), train() three times."""
+    model = Classifier()
+    optimizer = make_optimizer(model.parameters(), "rmsprop")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, use_cpu=True, per_device_train_batch_size=1, report_to="none",
+        logging_strategy="no", disable_tqdm=True, save_strategy="no", remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=[{"x": x, "labels": y} for x, y in make_batches(2)],
+        data_collator=lambda items: items[0], optimizers=(optimizer, make_scheduler(optimizer)),
+        callbacks=[XGradCallback(1)],
+    )
+    for _ in range(3):
+        trainer.train()
+        assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
+def test_the_predictor_unwraps_acceleratess_optimizer():
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    optimizer = make_optimizer(Classifier().parameters())
+    assert WeightPredictor(AcceleratedOptimizer(optimizer, device_placement=False)).optimizer is optimizer
+
+
+@pytest.mark.parametrize("arguments", [dict(steps=-1), dict(rule="bogus"), dict(decoupled_decay=2)])
+def test_bad_arguments_are_refused_when_the_callback_is_built(arguments):
+    with pytest.raises(ValueError) as refusal:
+        XGradCallback(**arguments)
+    assert "\n" not in str(refusal.value)

@@ -97,3 +97,9 @@ def test_import_xgrad_loads_nothing_of_the_suite():
                                            text=True, cwd=REPO).stdout))
     assert "torch" in loaded
     assert not loaded & set(SUITE_ONLY), f"import xgrad loaded {sorted(loaded & set(SUITE_ONLY))}"
+
+
+def test_the_package_ships_its_type_annotations():
+    """PEP 561: a py.typed marker in the package, declared as package data so that wheels carry it."""
+    assert (REPO / "xgrad" / "py.typed").is_file()
+    assert "py.typed" in _pyproject()["tool"]["setuptools"]["package-data"]["xgrad"]

@@ -9,10 +9,13 @@ scalars), checkpoints and the absence of host synchronisation.
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import xgrad.predict
 import xgrad.rules
@@ -49,6 +52,61 @@ def _buffer_delta(opt, p, group):
     return opt.state[p]["momentum_buffer"].double()
 
 
+def _adamw_delta(opt, p, group):
+    """AdamW's next step per unit lr: the Adam direction plus its decoupled decay λθ (the library's default)."""
+    return _adam_delta(opt, p, group) + group["weight_decay"] * p.detach().double()
+
+
+def _next_moments(opt, p, group, second="exp_avg_sq"):
+    """(t, m_{t+1}, v_{t+1}) of the next step with the next g taken to be m̂_t and g² to be v̂_t."""
+    st = opt.state[p]
+    t = float(st["step"])
+    b1, b2 = group["betas"]
+    m, v = st["exp_avg"].double(), st[second].double()
+    return t, b1 * m + (1 - b1) * m / (1 - b1**t), b2 * v + (1 - b2) * v / (1 - b2**t)
+
+
+def _radam_delta(opt, p, group):
+    """torch's RAdam step t+1, written out from its source with those moments."""
+    t, m, v = _next_moments(opt, p, group)
+    b1, b2 = group["betas"]
+    T = t + 1
+    rho_inf = 2 / (1 - b2) - 1
+    rho = rho_inf - 2 * T * b2**T / (1 - b2**T)
+    if rho <= 5:
+        return m / (1 - b1**T) + _decay(group, p)
+    rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+    return m / (1 - b1**T) * rect * math.sqrt(1 - b2**T) / (v.sqrt() + group["eps"]) + _decay(group, p)
+
+
+def _nadam_delta(opt, p, group):
+    """torch's NAdam step t+1 (momentum schedule μ, product Π in the state), written out the same way."""
+    t, m, v = _next_moments(opt, p, group)
+    b1, b2 = group["betas"]
+    T, psi = t + 1, group["momentum_decay"]
+    mu, mu_next = b1 * (1 - 0.5 * 0.96 ** (T * psi)), b1 * (1 - 0.5 * 0.96 ** ((T + 1) * psi))
+    product = float(opt.state[p]["mu_product"]) * mu
+    g = opt.state[p]["exp_avg"].double() / (1 - b1**t)
+    denom = (v / (1 - b2**T)).sqrt() + group["eps"]
+    return (1 - mu) / (1 - product) * g / denom + mu_next / (1 - product * mu_next) * m / denom + _decay(group, p)
+
+
+def _adamax_delta(opt, p, group):
+    """Adamax: m̂_{t+1}/u_t (the ∞-norm u keeps its value while |g| stays below it)."""
+    st = opt.state[p]
+    t = float(st["step"])
+    b1 = group["betas"][0]
+    m_next = b1 * st["exp_avg"].double() + (1 - b1) * st["exp_avg"].double() / (1 - b1**t)
+    return m_next / (1 - b1 ** (t + 1)) / st["exp_inf"].double()
+
+
+def _decay(group, p):
+    """λθ where the optimizer decays θ itself (its decoupled flag), else 0."""
+    if group.get("decoupled_weight_decay", False):
+        return group["weight_decay"] * p.detach().double()
+    return 0.0
+
+
 CASES = {
     "sgdm": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), _buffer_delta),
     "sgdm_wd_damp_nesterov": (
@@ -68,7 +126,7 @@ CASES = {
         lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True),
         lambda o, p, g: _adam_delta(o, p, g, second="max_exp_avg_sq"),
     ),
-    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2), _adam_delta),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2), _adamw_delta),
     "adabelief": (
         lambda ps: AdaBelief(ps, lr=1e-3, eps=1e-16),
         lambda o, p, g: _adam_delta(o, p, g, second="exp_avg_var"),
@@ -85,6 +143,17 @@ CASES = {
         lambda ps: AdaM3(ps, lr=1e-3),
         lambda o, p, g: _adam_delta(o, p, g, eps_out=False),
     ),
+    "radam": (lambda ps: torch.optim.RAdam(ps, lr=1e-2), _radam_delta),
+    "radam_decoupled": (
+        lambda ps: torch.optim.RAdam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+        _radam_delta,
+    ),
+    "nadam": (lambda ps: torch.optim.NAdam(ps, lr=1e-2, betas=(0.8, 0.99)), _nadam_delta),
+    "nadam_decoupled": (
+        lambda ps: torch.optim.NAdam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+        _nadam_delta,
+    ),
+    "adamax": (lambda ps: torch.optim.Adamax(ps, lr=1e-2, weight_decay=1e-3), _adamax_delta),
     "adam3_l2": (
         lambda ps: AdaM3(ps, lr=5e-3, betas=(0.85, 0.995), eps=1e-8, weight_decay=1e-3),
         lambda o, p, g: _adam_delta(o, p, g, eps_out=False),
@@ -141,15 +210,18 @@ def test_maximize_needs_no_sign_of_its_own(factory, delta_fn):
     _check_prediction(opt, params, 1, delta_fn)
 
 
-def test_adamw_decoupled_decay_option_adds_lambda_theta():
+@pytest.mark.parametrize("option", [None, True, False])
+def test_adamw_decay_by_default_and_the_papers_form_one_argument_away(option):
+    """None (default) and True predict AdamW's decoupled decay λθ; False is the paper's Δ̂ alone."""
     params = _params()
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     _train(opt, params, steps=3)
     before = [p.detach().clone() for p in params]
-    predictor = WeightPredictor(opt, steps=2, decoupled_decay=True)
+    predictor = WeightPredictor(opt, steps=2, decoupled_decay=option)
+    decay = 0.0 if option is False else 0.1
     with predictor.predicted():
         for p, b in zip(params, before):
-            delta = _adam_delta(opt, p, opt.param_groups[0]) + 0.1 * b.double()
+            delta = _adam_delta(opt, p, opt.param_groups[0]) + decay * b.double()
             torch.testing.assert_close(p.detach().double(), b.double() - 2 * 1e-2 * delta, rtol=2e-6, atol=1e-6)
 
 
@@ -303,13 +375,33 @@ def test_load_state_dict_that_does_not_fit_is_refused():
     predictor = WeightPredictor(opt, steps=2, rule="last_update")
     _train(opt, params, steps=1)
     state = predictor.state_dict()
+    assert state == {"steps": 2, "rule": "last_update", "decoupled_decay": None}
     with pytest.raises(ValueError, match="steps=2"):
         WeightPredictor(opt, steps=1, rule="last_update").load_state_dict(state)
-    other = torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(2))])
+    legacy = state | {"last_update": {0: torch.zeros(7, 5), 1: torch.zeros(3)}}  # records by index, another shape
+    other = torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(7, 5)), torch.nn.Parameter(torch.zeros(5))])
     with pytest.raises(ValueError, match="does not fit"):
-        WeightPredictor(other, steps=2, rule="last_update").load_state_dict(state)
+        WeightPredictor(other, steps=2, rule="last_update").load_state_dict(legacy)
     with pytest.raises(ValueError, match="expected keys"):
         predictor.load_state_dict({"steps": 2})
+
+
+def test_the_last_update_record_travels_in_the_optimizers_own_state_dict():
+    """No file of the predictor's own: a resume that loads the optimizer's state_dict resumes the record."""
+    params = _params()
+    opt = torch.optim.RMSprop(params, lr=1e-2)
+    predictor = WeightPredictor(opt, steps=1)
+    _train(opt, params, steps=2)
+    saved = copy.deepcopy(opt.state_dict())
+    assert all(xgrad.rules.RECORD in entry for entry in saved["state"].values())
+    params_b = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt_b = torch.optim.RMSprop(params_b, lr=1e-2)
+    opt_b.load_state_dict(saved)
+    with predictor.predicted():
+        by_a = [p.detach().clone() for p in params]
+    with WeightPredictor(opt_b, steps=1).predicted():
+        by_b = [p.detach().clone() for p in params_b]
+    assert all(torch.equal(a, b) for a, b in zip(by_a, by_b)) and not torch.equal(by_a[0], params[0])
 
 
 @pytest.mark.parametrize("rule_case", ["adam", "rmsprop", "adagrad_last_update"])
@@ -462,6 +554,14 @@ ON_META = {  # the optimizer, its state keys, step counts on the device?, the pr
     "adam-steps-on-host": (lambda ps: torch.optim.Adam(ps, foreach=False), ("exp_avg", "exp_avg_sq"), False, False),
     "adam3": (lambda ps: AdaM3(ps), ("exp_avg", "exp_avg_sq"), True, False),
     "sgd-momentum": (lambda ps: torch.optim.SGD(ps, momentum=0.9), ("momentum_buffer",), False, False),
+    "radam-capturable": (lambda ps: torch.optim.RAdam(ps, capturable=True), ("exp_avg", "exp_avg_sq"), True, None),
+    "nadam-capturable-decoupled": (
+        lambda ps: torch.optim.NAdam(ps, capturable=True, weight_decay=0.1, decoupled_weight_decay=True),
+        ("exp_avg", "exp_avg_sq", "mu_product"),
+        True,
+        None,
+    ),
+    "adamax-capturable": (lambda ps: torch.optim.Adamax(ps, capturable=True), ("exp_avg", "exp_inf"), True, None),
     "rmsprop-momentum-capturable": (
         lambda ps: torch.optim.RMSprop(ps, momentum=0.9, capturable=True),
         ("momentum_buffer", "square_avg"),
@@ -490,6 +590,8 @@ def test_predict_and_restore_read_no_value_off_the_device(case, foreach):
         for p in group["params"]:
             opt.state[p] = {key: torch.empty_like(p) for key in keys}
             opt.state[p]["step"] = _on_meta() if steps_on_device else torch.tensor(3.0)
+            if "mu_product" in keys:
+                opt.state[p]["mu_product"] = _on_meta()
     predictor = WeightPredictor(opt, steps=2, decoupled_decay=decoupled_decay, foreach=foreach)
     predictor.predict()
     assert predictor.is_predicted
@@ -554,3 +656,195 @@ def test_no_host_synchronisation_on_a_gpu(factory):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("off_host", [False, True])
+@pytest.mark.parametrize("trained", [4, 5, 6, 12])
+def test_radam_in_both_phases_on_the_host_and_on_the_device(trained, off_host, monkeypatch):
+    """Trained 4 or 5 steps the next is in RAdam's SGD phase; 6 and 12, rectified: both arithmetic paths agree."""
+    if off_host:
+        monkeypatch.setattr(xgrad.rules, "_on_host", lambda tensor: False)
+    params = _params()
+    opt = torch.optim.RAdam(params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    _train(opt, params, steps=trained)
+    _check_prediction(opt, params, 2, _radam_delta)
+
+
+# -- life cycle: exceptions, several predictors, detaching ---------------------------------------
+
+
+def test_a_failure_half_way_through_predict_leaves_the_real_weights(monkeypatch):
+    """Out of memory in a later chunk (simulated): what was written is restored, then the error propagates."""
+    monkeypatch.setitem(xgrad.predict.CHUNK_NUMEL, "cpu", 8)
+    params = _params()
+    opt = torch.optim.Adam(params, lr=1e-2)
+    _train(opt, params, steps=2)
+    predictor = WeightPredictor(opt, steps=2)
+    before = [p.detach().clone() for p in params]
+    real_kernel, calls = torch._foreach_addcdiv_, []
+
+    def fails_on_the_third_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_addcdiv_", fails_on_the_third_chunk)
+    with pytest.raises(torch.OutOfMemoryError):
+        predictor.predict()
+    assert len(calls) == 3, "two chunks were written before the failure"
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert not predictor.is_predicted
+    monkeypatch.setattr(torch, "_foreach_addcdiv_", real_kernel)
+    _check_prediction(opt, params, 2, _adam_delta, predictor=predictor)  # and it works again
+
+
+def test_two_predictors_cannot_both_hold_predicted_weights_of_one_optimizer():
+    params = _params()
+    opt = torch.optim.Adam(params, lr=1e-2)
+    _train(opt, params, steps=2)
+    first, second = WeightPredictor(opt, steps=1), WeightPredictor(opt, steps=2)
+    before = [p.detach().clone() for p in params]
+    with first.predicted():
+        with pytest.raises(RuntimeError, match="another WeightPredictor"):
+            second.predict()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    with second.predicted():  # one after the other is fine
+        pass
+
+
+def _hook_count(opt) -> int:
+    return len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+
+
+def test_a_discarded_predictor_is_freed_with_its_hooks_and_stash():
+    params = _params()
+    opt = torch.optim.RMSprop(params, lr=1e-2)
+    baseline = _hook_count(opt)
+    predictor = WeightPredictor(opt, steps=1)
+    _train(opt, params, steps=2)
+    with predictor.predicted():
+        pass
+    alive = weakref.ref(predictor)
+    stash = weakref.ref(next(iter(predictor._stash.values())))
+    assert _hook_count(opt) == baseline + 2
+    del predictor
+    gc.collect()
+    assert alive() is None and stash() is None
+    assert _hook_count(opt) == baseline
+    _train(opt, params, steps=1)  # and the optimizer steps on without it
+
+
+def test_detach_removes_the_hooks_restores_and_keeps_the_records():
+    params = _params()
+    opt = torch.optim.RMSprop(params, lr=1e-2)
+    before_hooks = _hook_count(opt)
+    predictor = WeightPredictor(opt, steps=1)
+    _train(opt, params, steps=2)
+    before = [p.detach().clone() for p in params]
+    predictor.predict()
+    predictor.detach()  # while predicted: the real weights come back first
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert _hook_count(opt) == before_hooks and not predictor._stash
+    with pytest.raises(RuntimeError, match="detached"):
+        predictor.predict()
+    records = [opt.state[p][xgrad.rules.RECORD].clone() for p in params]
+    _train(opt, params, steps=1)  # no hook: the records are those of the last step it saw
+    assert all(torch.equal(opt.state[p][xgrad.rules.RECORD], r) for p, r in zip(params, records))
+    predictor.detach()  # twice is harmless
+
+
+def test_repeated_predictors_on_one_optimizer_leave_at_most_one_set_of_hooks():
+    params = _params()
+    opt = torch.optim.Adam(params, lr=1e-2)
+    baseline = _hook_count(opt)
+    for _ in range(3):  # three fit() calls, each building and detaching its predictor
+        predictor = WeightPredictor(opt, steps=1)
+        _train(opt, params, steps=1)
+        predictor.detach()
+    assert _hook_count(opt) == baseline
+
+
+class _Wrapper(torch.optim.Optimizer):
+    """A trainer's wrapper (accelerate's AcceleratedOptimizer shape): steps the optimizer inside it."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def test_a_wrapped_optimizer_is_unwrapped():
+    params = _params()
+    opt = torch.optim.Adam(params, lr=1e-2)
+    predictor = WeightPredictor(_Wrapper(opt), steps=2)
+    assert predictor.optimizer is opt
+    _train(_Wrapper(opt), params, steps=2)
+    _check_prediction(opt, params, 2, _adam_delta, predictor=predictor)
+
+
+# -- the last-update record: kernels per device and dtype, skipped steps ---------------------------
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("n_params", [3, 30])
+def test_the_record_hooks_launch_a_few_kernels_whatever_the_number_of_parameters(n_params):
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(n_params)]
+    opt = torch.optim.RMSprop(params, lr=1e-2)
+    predictor = WeightPredictor(opt, steps=1)
+    _train(opt, params, steps=2)
+    with _CountOps() as counted:
+        predictor._before_step(opt, (), {})
+        predictor._after_step(opt, (), {})
+    assert len(counted.ops) <= 4, counted.ops  # copy; sub, div, copy: one multi-tensor kernel each
+
+
+def test_a_skipped_fused_step_leaves_the_record_untouched():
+    """A gradient scaler's fused step with found_inf = 1 changes nothing, and the record stays."""
+    params = _params()
+    opt = torch.optim.Adam(params, lr=1e-2, fused=True)
+    predictor = WeightPredictor(opt, steps=1, rule="last_update")
+    _train(opt, params, steps=2)
+    records = [opt.state[p][xgrad.rules.RECORD].clone() for p in params]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)  # as GradScaler.step sets them
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "the fused step was skipped"
+    assert all(torch.equal(opt.state[p][xgrad.rules.RECORD], r) for p, r in zip(params, records))
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()  # taken: recorded
+    with predictor.predicted():
+        pass
+    assert not all(torch.equal(opt.state[p][xgrad.rules.RECORD], r) for p, r in zip(params, records))
+
+
+def test_a_step_the_scaler_skips_leaves_the_record_untouched():
+    params = _params()
+    opt = torch.optim.RMSprop(params, lr=1e-2)
+    predictor = WeightPredictor(opt, steps=1)
+    _train(opt, params, steps=2)
+    records = [opt.state[p][xgrad.rules.RECORD].clone() for p in params]
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # the scale exists from the first scaled loss on
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(opt.state[p][xgrad.rules.RECORD], r) for p, r in zip(params, records))
+    del predictor

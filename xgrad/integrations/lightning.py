@@ -34,11 +34,16 @@ place across the window: the last micro-batch's forward runs inside
 ``optimizer.step``, after the guard, and between micro-batches other callbacks
 (checkpoints, loggers, weight averaging) would see it.
 
-The predictor's ``state_dict()`` is this callback's state in Lightning's
-checkpoint. On ``ckpt_path`` resume Lightning loads callback states before it
-builds the optimizer, so the state waits for ``on_fit_start``, which builds the
-predictor. A checkpoint written without this callback holds no such state and
-the predictor starts fresh, as Lightning does for any callback.
+Resume: the last-update rule's records live in the optimizer's own state, so
+they travel in Lightning's checkpoint with the optimizer's state and come back
+with ``ckpt_path``. The callback's own state is the predictor's settings; on
+``ckpt_path`` resume Lightning loads callback states before it builds the
+optimizer, so they are checked in ``on_fit_start``, which builds the predictor
+(a checkpoint of other settings is refused in one line).
+
+Life cycle: the predictor is built when a fit starts and detached (its step
+hooks removed, its stash freed) when the fit ends or fails, so repeated
+``fit()`` calls on one optimizer leave at most one predictor's hooks.
 
 Refused with one line: manual optimisation (the training step steps its own
 optimizers; wrap its forward and backward in ``WeightPredictor.predicted()``
@@ -53,7 +58,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from xgrad.predict import WeightPredictor
+from xgrad.predict import WeightPredictor, check_arguments
 
 try:
     import lightning.pytorch as pl
@@ -68,7 +73,8 @@ class XGradCallback(pl.Callback):
     module's optimizer when the fit starts.
     """
 
-    def __init__(self, steps: int = 1, rule: str = "auto", decoupled_decay: bool = False):
+    def __init__(self, steps: int = 1, rule: str = "auto", decoupled_decay: bool | None = None):
+        check_arguments(steps, rule, decoupled_decay)
         self.steps = steps
         self.rule = rule
         self.decoupled_decay = decoupled_decay
@@ -84,6 +90,7 @@ class XGradCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # one optimizer: Lightning refuses several under automatic optimisation itself
+        self._detach()  # a predictor of an earlier fit
         self.predictor = WeightPredictor(trainer.optimizers[0], self.steps, self.rule, self.decoupled_decay)
         if self._resumed_state is not None:
             self.predictor.load_state_dict(self._resumed_state)
@@ -104,19 +111,23 @@ class XGradCallback(pl.Callback):
         self.predictor.restore()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self.predictor is not None and self.predictor.is_predicted:
-            self.predictor.restore()  # the real weights, whatever failed between the prediction and the backward
+        self._detach()  # restores the real weights, whatever failed between the prediction and the backward
         _unwrap_training_step(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._detach()
             _unwrap_training_step(trainer)
 
+    def _detach(self) -> None:
+        if self.predictor is not None:
+            self.predictor.detach()
+
     def state_dict(self) -> dict[str, Any]:
-        return self.predictor.state_dict() if self.predictor is not None else {}
+        return {"steps": self.steps, "rule": self.rule, "decoupled_decay": self.decoupled_decay}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed_state = state_dict
+        self._resumed_state = state_dict or None
 
 
 def _unwrap_training_step(trainer: pl.Trainer) -> None:
