@@ -168,3 +168,12 @@ def test_bad_arguments_are_refused_when_the_callback_is_built(arguments):
     with pytest.raises(ValueError) as refusal:
         XGradCallback(**arguments)
     assert "\n" not in str(refusal.value)
+
+
+def test_the_predictor_unwraps_lightnings_optimizer():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from xgrad import WeightPredictor
+
+    optimizer = make_optimizer(Classifier().parameters())
+    assert WeightPredictor(LightningOptimizer(optimizer)).optimizer is optimizer
