@@ -8,20 +8,23 @@ One row per cell (data, model, optimizer, scale) and XGrad step ``s``: the
 paired difference XGrad − baseline over seeds with its 95% interval and a
 verdict (``better`` / ``worse`` / ``no clear difference`` / ``too few seeds``),
 convergence speed and the area under the validation curve; then a summary and
-a verdict per optimizer, and every run that did not count with its reason. The
-document is :func:`xgrad.report.tables.render`'s, the same the end-of-sweep
-callback writes. It is printed and, with ``--out`` (or when all runs name one
-experiment: ``results/<experiment>.md``), written to a file. With ``--wandb``
-the runs are read from a W&B project instead of run directories
-(:func:`xgrad.report.load_wandb_runs`).
+a verdict per optimizer, and every run that did not count with its reason:
+among them each job that a sweep directory's ``multirun.yaml`` defined but no
+run directory holds, and each run directory with a record that cannot be read
+(also named on stderr). The document is :func:`xgrad.report.tables.render`'s,
+the same the end-of-sweep callback writes. It is printed and, with ``--out``
+(or when all runs name one experiment: ``results/<experiment>.md``), written
+to a file. With ``--wandb`` the runs are read from a W&B project instead of
+run directories (:func:`xgrad.report.load_wandb_runs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from xgrad.report import load_runs, load_wandb_runs
+from xgrad.report import UNREADABLE, load_runs, load_wandb_runs
 from xgrad.report.tables import render
 
 
@@ -41,12 +44,15 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("--experiment selects W&B runs: use it with --wandb")
     try:
         runs = load_wandb_runs(args.wandb, args.experiment) if args.wandb else load_runs(args.dirs)
+        experiments = {run.experiment for run in runs if run.experiment}
+        experiment = experiments.pop() if len(experiments) == 1 else None
+        title = args.title or (f"XGrad vs baseline: {experiment}" if experiment else "XGrad vs baseline")
+        text = render(runs, title)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))  # one line and exit status 2, before anything is written
-    experiments = {run.experiment for run in runs if run.experiment}
-    experiment = experiments.pop() if len(experiments) == 1 else None
-    title = args.title or (f"XGrad vs baseline: {experiment}" if experiment else "XGrad vs baseline")
-    text = render(runs, title)
+    for run in runs:
+        if run.status == UNREADABLE:  # listed in the table too, with the runs that did not count
+            print(f"{parser.prog}: warning: unreadable, not counted: {run.path}: {run.reason}", file=sys.stderr)
     out = args.out or (f"results/{experiment}.md" if experiment else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,10 @@ all runs name one experiment.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from xgrad.report import group_cells, load_runs
+from xgrad.report import UNREADABLE, group_cells, load_runs
 from xgrad.report.plots import write_plots
 
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         runs = load_runs(args.dirs)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))  # one line and exit status 2, before anything is written
+    for run in runs:
+        if run.status == UNREADABLE:
+            print(f"{parser.prog}: warning: unreadable, not drawn: {run.path}: {run.reason}", file=sys.stderr)
     experiments = {run.experiment for run in runs if run.experiment}
     if args.out is None and len(experiments) != 1:
         parser.error("--out is needed: the runs do not name one experiment")

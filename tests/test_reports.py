@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -640,6 +641,127 @@ def test_a_job_without_summary_is_described_from_its_hydra_files(compose_config,
     assert (run.status, run.data, run.model, run.optimizer) == ("missing", "fashion_mnist", "lenet", "sgdm")
     assert (run.xgrad, run.steps, run.seed, run.experiment) == (True, 3, 4, "steps")
     assert "no summary.json" in run.reason
+
+
+# ---------------------------------------------------------------- a sweep's own record of its jobs; bad input
+
+
+def test_a_sweep_lists_every_job_its_record_defined_that_did_not_complete(tmp_path, monkeypatch):
+    """A real sweep of four jobs (Hydra writes multirun.yaml); one job removed, one died, one refused."""
+    from conftest import main_with
+
+    sweep = tmp_path / "sweep"
+    assert main_with(monkeypatch, "-m", "optimizer=adam,sgdm", "xgrad=off,on", "data.batch_size=32",
+                     "trainer.limit_val_batches=1", f"hydra.sweep.dir={sweep}") == 0  # fmt: skip
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "2", "3", "multirun.yaml"]
+    # Hydra numbers the jobs over every combination, the last key fastest: #0 adam off, #1 adam on, #2 sgdm off, #3 sgdm on
+    assert "- optimizer=sgdm\n- xgrad=on\n" in (sweep / "3" / ".hydra" / "overrides.yaml").read_text()
+    shutil.rmtree(sweep / "3")  # never started: nothing of it is left
+    (sweep / "2" / "summary.json").unlink()  # died before its summary
+    refused = json.loads((sweep / "1" / "summary.json").read_text()) | {"status": "failed", "reason": "refused: x"}
+    shutil.rmtree(sweep / "1")  # refused before it started: a failed summary.json and nothing else (run_dir.py)
+    (sweep / "1").mkdir()
+    (sweep / "1" / "summary.json").write_text(json.dumps(refused))
+
+    monkeypatch.chdir(tmp_path)
+    missing = section(make_tables.main([str(sweep), "--out", str(tmp_path / "t.md")]), "Missing or failed runs")
+    lines = missing.strip().splitlines()
+    assert len(lines) == 3, missing  # each job once: the refused one, the dead one, the one that never started
+    assert lines[0].startswith("- `sweep/1` (fashion_mnist · lenet · adam · XGrad s=1 · seed 0): failed: refused: x")
+    assert lines[1].startswith("- `sweep/2` (fashion_mnist · lenet · sgdm · baseline · seed 0): missing: no summary.json")
+    assert lines[2] == "- `sweep` (job #3: optimizer=sgdm xgrad=on): not started: no run directory in the sweep holds this job"
+    assert "every run completed" not in missing
+
+
+def test_a_sweeps_jobs_come_from_its_params_and_command_line_whatever_its_folders_are_named(tmp_path):
+    """multirun.yaml as a figure's sweep writes it: params with interpolations, a command-line override replacing one."""
+    from xgrad.report import NOT_STARTED, load_runs
+
+    sweep = tmp_path / "multirun" / "fig" / "quick"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n"
+        "  sweep: {dir: multirun/fig/quick, subdir: '${data.name}/${hydra.job.override_dirname}'}\n"
+        "  sweeper:\n"
+        "    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
+        "    max_batch_size: null\n"
+        "    params: {protocol: '${cells.${scale}}', xgrad: 'off,on', seed: '0,1,2'}\n"
+        "  overrides:\n"
+        "    task:\n    - experiment=fig\n    - scale=quick\n    - seed=0,1\n    - trainer.device=cpu\n"
+        "cells: {paper: 'p/a, p/b, p/c', quick: 'q/a, q/b'}\n"
+        "scale: quick\n"
+    )
+    # Hydra's order: the params' keys first (seed keeps its place, with the command line's values), then the others
+    jobs = [f"protocol={p} xgrad={x} seed={s}" for p in ("q/a", "q/b") for x in ("off", "on") for s in (0, 1)]
+    for number, job in enumerate(jobs):
+        if number in (5, 6):
+            continue  # never started
+        protocol, xgrad, seed = (part.split("=")[1] for part in job.split())
+        folder = sweep / protocol.replace("/", "_") / f"xgrad={xgrad},seed={seed}"
+        write_run(folder, xgrad=xgrad == "on", seed=int(seed))
+        # job #0 was first started on a GPU and not restarted since (it had completed): the device differs
+        device = "cuda" if number == 0 else "cpu"
+        overrides = ["experiment=fig", "scale=quick", *job.split(), f"trainer.device={device}"]
+        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (sweep / "other").mkdir()  # a run of the sweep's folder whose trainer.epochs is not the job's is not that job
+    write_run(sweep / "other" / "0", data="x")
+    (sweep / "other" / "0" / ".hydra" / "overrides.yaml").write_text("- trainer.epochs=7\n")
+
+    unstarted = [run for run in load_runs([sweep]) if run.status == NOT_STARTED]
+    assert [run.described for run in unstarted] == [f"job #5: {jobs[5]}", f"job #6: {jobs[6]}"]
+    assert all(run.path == sweep.resolve() for run in unstarted)
+
+
+def test_unreadable_records_are_named_skipped_and_listed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the table names run directories relative to here
+    for seed in range(3):
+        for xgrad in (False, True):
+            write_run(tmp_path / f"{'on' if xgrad else 'off'}{seed}", xgrad=xgrad, seed=seed, curve=(0.5, 0.6 + 0.01 * seed))
+    (tmp_path / "on0" / "summary.json").write_text("garbage{")
+    (tmp_path / "on1" / "summary.json").write_text("[1, 2]")
+    summary = json.loads((tmp_path / "on2" / "summary.json").read_text())
+    (tmp_path / "on2" / "summary.json").write_text(json.dumps(summary | {"seed": "two"}))
+    (tmp_path / "off2" / "metrics.jsonl").open("a").write("[3]\n")  # a line that is not an epoch's: skipped
+    (tmp_path / "multirun.yaml").write_text("[1, 2]\n")
+    broken_config = tmp_path / "broken"
+    write_run(broken_config, seed=5, summary=False)
+    (broken_config / ".hydra" / "config.yaml").write_text("a: [1\n")
+
+    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "t.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {
+        tmp_path / "on0": "summary.json is not readable JSON",
+        tmp_path / "on1": "summary.json holds [1, 2], not a JSON object",
+        tmp_path / "on2": 'summary.json holds seed="two", not a value of its type',
+        broken_config: ".hydra/config.yaml is not readable YAML",
+        tmp_path: "multirun.yaml holds a list, not a YAML mapping",
+    }
+    assert len(err) == len(expected), err
+    for folder, why in expected.items():
+        assert any(f": warning: unreadable, not counted: {folder}: {why}" in line for line in err), why
+    missing = section(text, "Missing or failed runs")
+    assert "- `on1` (fashion_mnist · lenet · adam · XGrad s=1 · seed 1): unreadable: summary.json holds [1, 2]" in missing
+    assert "- `broken` (no readable record says what it ran): unreadable: .hydra/config.yaml" in missing
+    assert "(the sweep's record of its jobs): unreadable: multirun.yaml holds a list" in missing
+    assert "every run completed" not in missing
+    [row] = table_rows(text)  # the three baselines have no readable XGrad partner: no comparison
+    assert (row["s"], row["pairs"]) == ("—", "0") and "`off" not in missing
+
+
+def test_overlapping_and_nested_run_directories_count_each_run_once(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed in range(3):
+        for xgrad in (False, True):
+            write_run(sweep / str(2 * seed + xgrad), xgrad=xgrad, seed=seed, curve=(0.5, 0.6 + 0.01 * seed + 0.1 * xgrad))
+    [alone] = table_rows(make_tables.main([str(sweep), "--out", str(tmp_path / "alone.md")]))
+    both = make_tables.main([str(sweep), str(sweep / "0"), str(sweep / "3"), "--out", str(tmp_path / "both.md")])
+    assert table_rows(both) == [alone] and alone["pairs"] == "3"
+    assert "None: every run completed and every seed has its pair." in section(both, "Missing or failed runs")
+    write_run(sweep, optimizer="sgdm", seed=9)  # a single run started in the sweep's own directory
+    text = make_tables.main([str(sweep), "--out", str(tmp_path / "nested.md")])
+    assert alone in table_rows(text)  # the sweep's runs are still all there, beside the single run's own row
+    assert any(row["optimizer"] == "sgdm" for row in table_rows(text))
+    assert capsys.readouterr().err == ""
 
 
 # ---------------------------------------------------------------- plots

@@ -22,10 +22,11 @@ pandas, scipy or matplotlib load when used.
 """
 
 from xgrad.report.runs import (
-    Cell, Run, find_run_dirs, group_cells, load_run, load_runs, load_wandb_runs, problems, unpaired_seeds,
+    NOT_STARTED, UNREADABLE, Cell, Run, find_run_dirs, group_cells, load_run, load_runs, load_wandb_runs, problems,
+    sweep_jobs, unpaired_seeds, unstarted_jobs,
 )  # fmt: skip
 
 __all__ = [
-    "Cell", "Run", "find_run_dirs", "group_cells", "load_run", "load_runs", "load_wandb_runs", "problems",
-    "unpaired_seeds",
+    "NOT_STARTED", "UNREADABLE", "Cell", "Run", "find_run_dirs", "group_cells", "load_run", "load_runs",
+    "load_wandb_runs", "problems", "sweep_jobs", "unpaired_seeds", "unstarted_jobs",
 ]  # fmt: skip

@@ -18,8 +18,11 @@ metrics.jsonl when present, else nothing), and the tables say which basis
 they used.
 
 Nothing is dropped silently: a directory whose job died before writing
-``summary.json``, a run whose summary says ``failed``, and a second run of the
-same seed all come back in :func:`problems` with a reason.
+``summary.json``, a run whose summary says ``failed``, a run directory with a
+record that cannot be read (``unreadable``, naming the file), a second run of
+the same seed, and each job that a sweep defined (its ``multirun.yaml``) but no
+run directory holds (``not started``) all come back in :func:`problems` with a
+reason.
 """
 
 from __future__ import annotations
@@ -31,23 +34,39 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from xgrad.trained_config import recorded, what_it_trains
+from xgrad.trained_config import is_ignored, recorded, what_it_trains
 
 #: folders inside a run directory that never hold another run (not worth walking)
 _RUN_INTERNALS = {".hydra", "checkpoints", "wandb", "samples"}
+
+#: the status of a job a sweep defined that no run directory holds, and of a run directory whose records cannot be read
+NOT_STARTED, UNREADABLE = "not started", "unreadable"
+
+#: the sweeper whose job list this module can re-derive from a sweep's multirun.yaml (Hydra's default)
+_BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+class Unreadable(Exception):
+    """A record (summary.json, run.json, a .hydra/ file, multirun.yaml) that is not what it should hold.
+
+    The message names the file and says what is wrong with it, in one line.
+    """
 
 
 @dataclass
 class Run:
     """One run directory, as much as its files tell.
 
-    ``status`` is ``completed`` or ``failed`` as the summary says, or
-    ``missing`` when there is no summary at all (the job died or is still
-    running); only completed runs with a best value and a metric direction
-    enter the statistics.
+    ``status`` is ``completed`` or ``failed`` (or ``interrupted``, ``running``)
+    as the summary says, ``missing`` when there is no summary at all (the job
+    died or is still running), ``unreadable`` when a record of the directory
+    cannot be read, or ``not started`` for a job of a sweep that no run
+    directory holds (then ``path`` is the sweep's directory); only completed
+    runs with a best value and a metric direction enter the statistics.
 
     ``best``/``best_epoch`` are validation values (the validation split selects
     the epoch); ``test`` is the test metric at that epoch, the basis of the
@@ -91,6 +110,10 @@ class Run:
     #: processes that trained the run together (DDP) and their backend; 1 and None for one process
     world_size: int = 1
     backend: str | None = None
+    #: the job's overrides as Hydra recorded them (.hydra/overrides.yaml); None where nothing recorded them
+    overrides: tuple[str, ...] | None = None
+    #: what the record is, where its fields cannot say (a job that never started, an unreadable record)
+    described: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -154,35 +177,72 @@ class Cell:
 def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Every run directory under ``paths``: one holding summary.json or .hydra/config.yaml.
 
-    Raises ``FileNotFoundError`` naming a path that does not exist or holds no run,
-    before anything is read.
+    Raises ``FileNotFoundError`` naming a path that does not exist or holds no
+    run (nor a sweep's record), before anything is read.
     """
-    found: dict[Path, None] = {}  # ordered set: the same run reached twice counts once
+    return _find(paths)[0]
+
+
+def _find(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """(run directories, sweep directories) under ``paths``, each once, in the order found.
+
+    A sweep directory holds the ``multirun.yaml`` Hydra writes when a sweep
+    starts. Both are looked for in every folder below a path, run directories
+    included (a single run started in a sweep's directory has the sweep's jobs
+    below it), except a run's own folders. Paths may overlap (a sweep and one
+    of its jobs): a directory reached twice counts once, and a path counts as
+    holding the runs under it even when an earlier path reached them.
+    """
+    runs: dict[Path, None] = {}  # ordered sets
+    sweeps: dict[Path, None] = {}
     for given in paths:
         root = Path(given)
         if not root.exists():
             raise FileNotFoundError(f"run or sweep directory not found: {given}")
-        before = len(found)
+        holds_any = False
         for here, subdirs, files in os.walk(root):
             here_path = Path(here)
             if "summary.json" in files or (here_path / ".hydra" / "config.yaml").is_file():
-                found[here_path.resolve()] = None
-                subdirs.clear()  # a run's own folders hold no further runs
-                continue
+                runs[here_path.resolve()] = None
+                holds_any = True
+            if "multirun.yaml" in files:
+                sweeps[here_path.resolve()] = None
+                holds_any = True
             subdirs[:] = sorted(d for d in subdirs if d not in _RUN_INTERNALS)
-        if len(found) == before:
+        if not holds_any:
             raise FileNotFoundError(f"no run directory (summary.json or .hydra/config.yaml) under {given}")
-    return list(found)
+    return list(runs), list(sweeps)
 
 
 def load_run(path: Path) -> Run:
-    """Read one run directory; a missing summary becomes a ``missing`` run described from its config."""
+    """Read one run directory; a missing summary becomes a ``missing`` run described from its config.
+
+    A record that cannot be read makes the run ``unreadable`` (never counted),
+    its reason naming the file; it is described from its config when that
+    still can be read.
+    """
+    try:
+        return _read_run(path)
+    except Unreadable as error:
+        config = path / ".hydra" / "config.yaml"
+        try:  # what it ran, where its config still says
+            run = _from_config(path, _yaml_mapping(config), _yaml_mapping(path / ".hydra" / "hydra.yaml"))
+        except Unreadable:
+            run = None
+        if run is None or not config.is_file():
+            run = Run(path=path, status=UNREADABLE, described="no readable record says what it ran")
+        run.status, run.reason = UNREADABLE, str(error)
+        return run
+
+
+def _read_run(path: Path) -> Run:
     summary_file, config_file = path / "summary.json", path / ".hydra" / "config.yaml"
     if summary_file.is_file():
-        run = _from_summary(path, json.loads(summary_file.read_text()))
+        run = _from_summary(path, _typed_summary(_json_object(summary_file), summary_file))
     else:
-        run = _from_config(path, _load_yaml(config_file), _load_yaml(path / ".hydra" / "hydra.yaml"))
+        run = _from_config(path, _yaml_mapping(config_file), _yaml_mapping(path / ".hydra" / "hydra.yaml"))
     run.config = _trained_config(path)
+    run.overrides = _recorded_overrides(path / ".hydra" / "overrides.yaml")
     lines = _read_metrics(path / "metrics.jsonl")
     if run.metric:
         run.curve = _series(lines, f"val/{run.metric}")
@@ -203,7 +263,8 @@ def _series(lines: list[dict], key: str) -> list[tuple[int, float]]:
     for i, line in enumerate(lines):
         value = _finite(line.get(key))
         if value is not None:
-            series.append((int(line.get("epoch", i + 1)), value))
+            epoch = _integer(line.get("epoch"))
+            series.append((i + 1 if epoch is None else epoch, value))
     return series
 
 
@@ -236,8 +297,100 @@ def _why_unusable(run: Run, source: str) -> str:
 
 
 def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
-    """All runs under ``paths`` (see :func:`find_run_dirs`), in a stable order."""
-    return [load_run(path) for path in find_run_dirs(paths)]
+    """All runs under ``paths`` (see :func:`find_run_dirs`), in a stable order.
+
+    Then, for each sweep directory under ``paths``, a ``not started`` record
+    per job it defined that no run directory holds (:func:`unstarted_jobs`).
+    """
+    run_dirs, sweeps = _find(paths)
+    runs = [load_run(path) for path in run_dirs]
+    return runs + [job for sweep in sweeps for job in unstarted_jobs(sweep, runs)]
+
+
+def sweep_jobs(sweep: Path) -> list[tuple[list[str], Path | None]]:
+    """The jobs the sweep in ``sweep`` defined, in Hydra's order (a job's number is its index).
+
+    Each is its overrides and, where the record names it without composing the
+    job's config (``hydra.sweep.subdir: ${hydra.job.num}``), its directory. The
+    list is re-derived from the sweep's own record, the ``multirun.yaml`` that
+    Hydra's basic sweeper writes when the sweep starts, the way that sweeper
+    derives it: its ``params`` (resolved), then the command line's overrides
+    (``hydra.overrides.task``; one replaces a param of the same key), every
+    combination. Raises :class:`Unreadable` when the record cannot say.
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    record = _yaml(sweep / "multirun.yaml")
+    sweeper, task = OmegaConf.select(record, "hydra.sweeper._target_"), OmegaConf.select(record, "hydra.overrides.task")
+    if sweeper != _BASIC_SWEEPER:
+        named = "no sweeper (hydra.sweeper._target_)" if sweeper is None else f"the sweeper {sweeper}"
+        raise Unreadable(f"multirun.yaml names {named}: only the jobs of Hydra's basic sweeper can be listed")
+    if not isinstance(task, ListConfig):
+        raise Unreadable("multirun.yaml holds no list of the sweep's overrides (hydra.overrides.task)")
+    try:
+        params = OmegaConf.select(record, "hydra.sweeper.params")
+        params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else {}
+        arguments = [f"{key}={value}" for key, value in params.items()] + [str(override) for override in task]
+        [jobs] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        raise Unreadable(f"multirun.yaml: {_one_line(error)}") from None
+    subdir = _lookup(OmegaConf.to_container(record, resolve=False), "hydra.sweep.subdir")
+    return [(job, _numbered_dir(sweep, subdir, number)) for number, job in enumerate(jobs)]
+
+
+def _numbered_dir(sweep: Path, subdir, number: int) -> Path | None:
+    """Job ``number``'s directory, when the ``subdir`` template needs nothing but the job's number to say it."""
+    if not isinstance(subdir, str):
+        return None
+    try:
+        return sweep / str(OmegaConf.create({"hydra": {"job": {"num": number}}, "subdir": subdir}).subdir)
+    except OmegaConfBaseException:  # it names values of the job's composed config (a figure's ${data.name}, ...)
+        return None
+
+
+def unstarted_jobs(sweep: Path, runs: list[Run]) -> list[Run]:
+    """A ``not started`` record for each job of the sweep in ``sweep`` that none of ``runs`` holds.
+
+    A run directory in the sweep holds the job whose overrides it recorded
+    (.hydra/overrides.yaml), compared without those that only say where and how
+    it runs (:func:`_job_key`). A directory without that record (a job
+    refused before it started leaves only summary.json) holds the job whose
+    directory it is, where the sweep names its job directories by number. When
+    ``multirun.yaml`` cannot say what the jobs were, one ``unreadable`` record
+    says so instead: the sweep's runs are then not checked against its jobs.
+    """
+    try:
+        jobs = sweep_jobs(sweep)
+    except Unreadable as error:
+        reason = f"{error}; the runs are not checked against the jobs the sweep defined"
+        return [Run(path=sweep, status=UNREADABLE, reason=reason, described="the sweep's record of its jobs")]
+    inside = [run for run in runs if run.path.is_relative_to(sweep)]
+    held = {_job_key(run.overrides) for run in inside if run.overrides is not None}
+    unrecorded = {run.path for run in inside if run.overrides is None}
+    swept = [i for i in range(len(jobs[0][0])) if len({job[i] for job, _ in jobs}) > 1] if jobs else []
+    missing = []
+    for number, (job, folder) in enumerate(jobs):
+        if _job_key(job) in held or (folder is not None and folder.resolve() in unrecorded):
+            continue
+        shown = " ".join(job[i] for i in swept) if swept else " ".join(job)
+        missing.append(Run(path=sweep, status=NOT_STARTED, reason="no run directory in the sweep holds this job",
+                           described=f"job #{number}: {shown}"))  # fmt: skip
+    return missing
+
+
+def _job_key(overrides: Iterable[str]) -> frozenset[str]:
+    """A job's overrides without those of :data:`~xgrad.trained_config.RESUME_IGNORES`, but with ``trainer.epochs``.
+
+    A completed run is not restarted by a rerun of its sweep (on another
+    device, say), so its record keeps the overrides of its first start; but a
+    run of fewer epochs than its job asks for is not that job.
+    """
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    return frozenset(o for o in overrides if key(o) == "trainer.epochs" or not is_ignored(key(o)))
 
 
 def load_wandb_runs(project: str, experiment: str | None = None) -> list[Run]:
@@ -388,11 +541,29 @@ def _identity(run: Run, settings: dict[int, tuple]) -> tuple:
     return (run.data, run.model, run.optimizer, run.scale, settings[id(run)], *arm, run.seed)
 
 
+#: summary.json keys whose value, when present and not null, must be of these types (others are read leniently)
+_SUMMARY_TYPES = {
+    "status": str, "data": str, "model": str, "optimizer": str, "metric": str, "mode": str, "experiment": str,
+    "scale": str, "hardware": str, "backend": str, "data_variant": str, "xgrad": bool, "steps": int, "seed": int,
+    "epochs": int, "wall_time_s": (int, float),
+}  # fmt: skip
+
+
+def _typed_summary(summary: dict, file: Path) -> dict:
+    """``summary``, once the keys that say what a run is hold values of their types; else :class:`Unreadable`."""
+    for key, kind in _SUMMARY_TYPES.items():
+        value = summary.get(key)
+        wrong_bool = isinstance(value, bool) and kind is not bool  # JSON true is no seed
+        if value is not None and (wrong_bool or not isinstance(value, kind)):
+            raise Unreadable(f"{file.name} holds {key}={json.dumps(value)}, not a value of its type")
+    return summary
+
+
 def _from_summary(path: Path, summary: dict) -> Run:
     return Run(
         path=path,
         status=summary.get("status", "completed"),
-        reason=summary.get("reason") or "",
+        reason=str(summary.get("reason") or ""),
         data=str(summary.get("data", "?")),
         model=str(summary.get("model", "?")),
         optimizer=str(summary.get("optimizer", "?")),
@@ -532,31 +703,72 @@ def _trained_config(path: Path) -> dict:
     """
     record = path / "run.json"
     if record.is_file():
-        return recorded(json.loads(record.read_text()).get("config", {}))
+        config = _json_object(record).get("config", {})
+        if not isinstance(config, dict):
+            raise Unreadable(f"run.json holds a config that is not a JSON object: {_one_line(config)}")
+        return recorded(config)
     composed = path / ".hydra" / "config.yaml"
     if not composed.is_file():
         return {}
-    config = OmegaConf.load(composed)
+    config = _yaml(composed)
     try:
         return what_it_trains(OmegaConf.to_container(config, resolve=True))
     except OmegaConfBaseException:
         return what_it_trains(OmegaConf.to_container(config, resolve=False))
 
 
-def _load_yaml(path: Path) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path``; :class:`Unreadable`, naming the file, when it holds anything else."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise Unreadable(f"{path.name} is not readable JSON ({_one_line(error)})") from None
+    if not isinstance(value, dict):
+        raise Unreadable(f"{path.name} holds {_one_line(json.dumps(value))}, not a JSON object")
+    return value
+
+
+def _yaml(path: Path, kind: type = DictConfig) -> DictConfig | ListConfig:
+    """The YAML mapping (``kind=ListConfig``: list) in ``path``, unresolved; else :class:`Unreadable` naming the file."""
+    name = f"{path.parent.name}/{path.name}" if path.parent.name == ".hydra" else path.name
+    try:
+        config = OmegaConf.load(path)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as error:  # OSError: a YAML scalar, too
+        raise Unreadable(f"{name} is not readable YAML ({_one_line(error)})") from None
+    if not isinstance(config, kind):
+        held, wanted = ("a list", "mapping") if kind is DictConfig else ("a mapping", "list")
+        raise Unreadable(f"{name} holds {held}, not a YAML {wanted}")
+    return config
+
+
+def _yaml_mapping(path: Path) -> dict:
+    """:func:`_yaml` as plain containers; {} when there is no such file."""
+    return OmegaConf.to_container(_yaml(path)) if path.is_file() else {}
+
+
+def _recorded_overrides(path: Path) -> tuple[str, ...] | None:
+    """The overrides Hydra recorded for a run (.hydra/overrides.yaml); None when there is no such file."""
+    return tuple(str(override) for override in _yaml(path, ListConfig)) if path.is_file() else None
+
+
+def _one_line(value) -> str:
+    """``value`` as one line of at most 120 characters: what a table line or an error message quotes."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    """The epoch lines of metrics.jsonl; a line cut short by a killed process is skipped."""
+    """The epoch lines of metrics.jsonl; a line cut short by a killed process, or not a JSON object, is skipped."""
     if not path.is_file():
         return []
     lines = []
-    for text in path.read_text().splitlines():
+    for text in path.read_text(errors="replace").splitlines():
         try:
-            lines.append(json.loads(text))
+            line = json.loads(text)
         except json.JSONDecodeError:
             continue
+        if isinstance(line, dict):
+            lines.append(line)
     return lines
 
 

@@ -221,13 +221,18 @@ def verdict_lines(summaries: Sequence[GroupSummary]) -> list[str]:
 
 
 def left_out(runs: list[Run], cells: list[Cell]) -> list[str]:
-    """Every run not in the statistics, and every seed without its partner."""
+    """Every run not in the statistics, and every seed without its partner.
+
+    The runs include the unreadable records and a sweep's jobs that never
+    started (:func:`xgrad.report.runs.load_runs`), each described by itself.
+    """
     cwd = Path.cwd()
     lines = []
     for run, why in problems(runs):
         where = run.path if str(run.path).startswith("wandb:") else os.path.relpath(run.path, cwd)
         seed = "?" if run.seed is None else run.seed
-        lines.append(f"- `{where}` ({run.data} · {run.model} · {run.optimizer} · {run.arm} · seed {seed}): {why}")
+        what = run.described or f"{run.data} · {run.model} · {run.optimizer} · {run.arm} · seed {seed}"
+        lines.append(f"- `{where}` ({what}): {why}")
     lines += [f"- {line}; not counted" for cell in cells for line in unpaired_seeds(cell)]
     return lines or ["None: every run completed and every seed has its pair."]
 
