@@ -124,8 +124,12 @@ class RunDirectory:
         except OSError as error:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks here
             log.warning("%s cannot be locked (%s): a second run into it would not be stopped", self.lock_file,
                         error.strerror or error)  # fmt: skip
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError as error:  # a full disk: nothing the run could write would fit either
+            os.close(fd)
+            raise RunDirRefused(f"cannot use {self.path}: {error.strerror or error} ({self.lock_file})") from None
         self._fd = fd
 
     @staticmethod
