@@ -211,7 +211,27 @@ def test_the_launch_is_read_from_torchrun_then_submitit_else_one_process(monkeyp
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     assert distributed.launch() == Launch(rank=1, world_size=2, local_rank=1, launcher="torchrun")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RANK": "1", "WORLD_SIZE": "2"}, r"^RANK=1 WORLD_SIZE=2 are set but MASTER_ADDR and MASTER_PORT not"),
+        ({"RANK": "one", "WORLD_SIZE": "2"}, r"^RANK=one WORLD_SIZE=2: not integers"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, r"^RANK=2 WORLD_SIZE=2: the rank"),
+    ],
+)
+def test_leftover_or_broken_launch_variables_are_refused_in_one_line(monkeypatch, env, message):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.LaunchRefused, match=message) as caught:
+        distributed.launch()
+    assert "\n" not in str(caught.value)
 
 
 def test_torchrun_with_one_process_is_the_one_process_run():
@@ -295,6 +315,8 @@ def test_a_sweep_run_by_every_rank_is_reported_by_rank_zero_alone(monkeypatch, t
     for rank, written in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", "29500")
         reports = SweepReports(results=str(tmp_path / f"results{rank}"))
         reports.on_multirun_start(config)
         reports.on_multirun_end(config)

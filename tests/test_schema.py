@@ -18,9 +18,9 @@ SMALL = ("data.batch_size=32", "data.eval_batch_size=100")
 
 #: the issue's list of values that used to crash (some after a whole epoch) or train as if not given
 BAD_VALUES = [
-    ("optimizer.lr=-1", "optimizer.lr=-1: must be a finite number >= 0"),
-    ("optimizer.lr=nan", "optimizer.lr=nan: must be a finite number >= 0"),
-    ("optimizer.lr=abc", "optimizer.lr='abc': must be a finite number >= 0"),
+    ("optimizer.lr=-1", "optimizer.lr=-1: must be a finite number in \\[0, 1000\\]"),
+    ("optimizer.lr=nan", "optimizer.lr=nan: must be a finite number in \\[0, 1000\\]"),
+    ("optimizer.lr=abc", "optimizer.lr='abc': must be a finite number in \\[0, 1000\\]"),
     ("optimizer.betas=[2,0.9]", r"optimizer.betas=\[2, 0.9\]: must be two numbers in \[0, 1\)"),
     ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1: must be a finite number >= 0"),
     ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
@@ -33,6 +33,9 @@ BAD_VALUES = [
     ("+foo=1", "foo=1: not a key of the config"),
     ("+trainer.epoch=2", r"trainer.epoch=2: not a key of trainer \(did you mean trainer.epochs\?\)"),
     ("logger.init_timeout=0", "logger.init_timeout=0: must be a finite number > 0"),
+    ("optimizer.lr=1e308", r"optimizer.lr=1e\+308: must be a finite number in \[0, 1000\]"),
+    ("seed=4294967296", r"seed=4294967296: must be an integer in \[0, 2\*\*32 - 1\]"),
+    ("seed=-1", r"seed=-1: must be an integer in \[0, 2\*\*32 - 1\]"),
 ]
 MULTISTEP_BAD = [
     ("scheduler.milestones=1", "scheduler.milestones=1: must be a list of increasing integers >= 1"),
@@ -80,7 +83,7 @@ def test_a_value_a_constructor_refuses_is_one_line_naming_the_option(train_run, 
 
 
 @pytest.mark.parametrize(("override", "line"), [
-    ("optimizer.lr=abc", "error: optimizer.lr='abc': must be a finite number >= 0"),
+    ("optimizer.lr=abc", "error: optimizer.lr='abc': must be a finite number in [0, 1000]"),
     ("+trainer.epoch=2", "error: trainer.epoch=2: not a key of trainer (did you mean trainer.epochs?); its keys: "),
     ("+optimizer.nesterov=true", "error: optimizer.nesterov=True: not a key of optimizer=adam; its keys: "),
 ])  # fmt: skip
@@ -88,7 +91,36 @@ def test_the_command_line_refuses_with_one_line_and_exit_status_2(monkeypatch, c
     assert main_with(monkeypatch, "optimizer=adam", override, f"hydra.run.dir={tmp_path / 'run'}") == 2
     [printed] = capsys.readouterr().err.strip().splitlines()
     assert printed.startswith(line)
-    assert [(p.name, p.stat().st_size) for p in (tmp_path / "run").iterdir()] == [("train.log", 0)]  # Hydra's, empty
+    assert list((tmp_path / "run").iterdir()) == []  # not even Hydra's train.log: it is opened by the first line logged
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    ({"SUBMITIT_PREEMPT_SIGNAL": "KILL"}, "error: SUBMITIT_PREEMPT_SIGNAL='KILL': SIGKILL cannot be caught"),
+    ({"SUBMITIT_PREEMPT_SIGNAL": "NOPE"}, "error: SUBMITIT_PREEMPT_SIGNAL='NOPE' names no signal"),
+    ({"RANK": "0", "WORLD_SIZE": "4"}, "error: RANK=0 WORLD_SIZE=4 are set but MASTER_ADDR and MASTER_PORT not"),
+    ({"WANDB_MODE": "onlin"}, "error: WANDB_MODE='onlin': W&B accepts online, offline"),
+])  # fmt: skip
+def test_an_environment_the_run_would_trip_over_is_one_line_and_exit_status_2(monkeypatch, capsys, tmp_path, env,
+                                                                                line):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main_with(monkeypatch, "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}") == 2
+    [printed] = capsys.readouterr().err.strip().splitlines()
+    assert printed.startswith(line), printed
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_run_directory_that_is_a_file_is_one_line_and_the_file_is_untouched(monkeypatch, capsys, tmp_path):
+    for given in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        (tmp_path / "notes.txt").write_text("mine")
+        assert main_with(monkeypatch, f"hydra.run.dir={given}") == 2
+        [printed] = capsys.readouterr().err.strip().splitlines()
+        assert "notes.txt" in printed and "not a folder" in printed, printed
+        assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert main_with(monkeypatch, "-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'notes.txt'}") == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_a_sweep_records_each_refusal_whatever_stage_refused_it(monkeypatch, capsys, tmp_path):
@@ -101,7 +133,7 @@ def test_a_sweep_records_each_refusal_whatever_stage_refused_it(monkeypatch, cap
     summaries = [json.loads((sweep / str(job) / "summary.json").read_text()) for job in range(4)]
     assert sorted(s["status"] for s in summaries) == ["completed", "failed", "failed", "failed"]
     reasons = sorted(s["reason"] for s in summaries if s["status"] == "failed")
-    schema_line = "refused: optimizer.lr=-1: must be a finite number >= 0"
+    schema_line = "refused: optimizer.lr=-1: must be a finite number in [0, 1000]"
     assert reasons[:2] == [schema_line, schema_line]
     assert reasons[2].startswith("refused: optimizer=adam xgrad.rule=nosuch: ") and "\n" not in reasons[2]
     assert all(not (sweep / str(job) / "metrics.jsonl").exists() for job, s in enumerate(summaries) if s["status"] == "failed")

@@ -8,8 +8,13 @@ process, so each test starts and ends with ``wandb.teardown()``.
 
 from __future__ import annotations
 
+import http.server
 import logging
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -55,25 +60,83 @@ def test_a_bogus_key_on_a_node_without_network_trains_at_once_offline(fresh_wand
     assert "cannot reach api.xgrad-test.invalid:443" in caplog.text
 
 
-def test_a_server_that_never_answers_is_waited_for_init_timeout_then_an_offline_run_starts(fresh_wandb, train_run):
-    """The online attempt times out; the offline run gets a fresh id (W&B keeps the first in use)."""
+def test_a_server_that_accepts_and_never_answers_means_offline_at_once(fresh_wandb, train_run, caplog):
+    """No HTTP answer within init_timeout (at most 5 s): no online attempt, which would hang at exit too."""
     hanging = socket.socket()
     hanging.bind(("127.0.0.1", 0))
     hanging.listen(8)  # connections are accepted by the kernel, never answered
+    port = hanging.getsockname()[1]
     fresh_wandb.setenv("WANDB_API_KEY", BOGUS_KEY)
-    fresh_wandb.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{hanging.getsockname()[1]}")
+    fresh_wandb.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    times = first_step_time(fresh_wandb)
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="xgrad.loggers"):
+            run_dir = train_run("logger=wandb", "logger.init_timeout=2", *SMALL)
+    finally:
+        hanging.close()
+    assert times[0] - started < 30
+    assert f"no answer from 127.0.0.1:{port} within 2 s" in caplog.text
+    result = summary(run_dir)
+    assert result["status"] == "completed"
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{result['wandb_run_id']}"))
+
+
+class _AnswersButHangsItsApi(http.server.BaseHTTPRequestHandler):
+    """A W&B server that answers a plain request and never its API (GraphQL is a POST)."""
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def do_POST(self):
+        time.sleep(60)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def half_answering_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnswersButHangsItsApi)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_api_that_never_answers_is_waited_for_init_timeout_then_an_offline_run_starts(
+    fresh_wandb, train_run, half_answering_server
+):
+    """The online attempt times out; the offline run gets a fresh id (W&B keeps the first in use)."""
+    fresh_wandb.setenv("WANDB_API_KEY", BOGUS_KEY)
+    fresh_wandb.setenv("WANDB_BASE_URL", half_answering_server)
     ids = iter(["online01", "offline2"])
     fresh_wandb.setattr("xgrad.loggers.new_run_id", lambda: next(ids))
     times = first_step_time(fresh_wandb)
     started = time.monotonic()
-    try:
-        run_dir = train_run("logger=wandb", "logger.init_timeout=3", *SMALL)
-    finally:
-        hanging.close()
+    run_dir = train_run("logger=wandb", "logger.init_timeout=3", *SMALL)
     assert times[0] - started < 30
     result = summary(run_dir)
     assert (result["status"], result["wandb_run_id"]) == ("completed", "offline2")
     assert list((run_dir / "wandb").glob("offline-run-*-offline2"))
+
+
+def test_the_process_does_not_wait_for_wandb_at_exit(half_answering_server, tmp_path):
+    """Start (online fails), finish, exit: within init_timeout and the imports, not 12-22 s more for W&B's analytics."""
+    code = (
+        "import sys, time; from pathlib import Path; from xgrad.loggers import WandbRun; "
+        "run = WandbRun.start(Path(sys.argv[1]), project='p', entity=None, mode='online', init_timeout=2.0, "
+        "group='g', job_type='baseline', name='n', tags=[], config={}, run_id=None); "
+        "run.finish('completed')"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"WANDB_API_KEY": BOGUS_KEY, "WANDB_BASE_URL": half_answering_server, "HOME": str(tmp_path)}
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env, check=True, capture_output=True,
+                   timeout=120)  # fmt: skip
+    took = time.monotonic() - started
+    assert took < 11, f"{took:.1f} s; measured: 4-5 s, and 16-18 s while W&B's analytics waited at exit"
 
 
 def test_online_without_a_key_never_prompts(fresh_wandb, train_run):

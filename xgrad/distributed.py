@@ -68,11 +68,33 @@ class Launch:
     launcher: str | None = None  # "torchrun" (or anything exporting the env:// variables) | "submitit"
 
 
+class LaunchRefused(Exception):
+    """The launcher's environment cannot be a run (variables left over from another launcher, say); one line."""
+
+
 def launch() -> Launch:
-    """This process's place: torchrun's variables, else submitit's job environment, else a world of one."""
+    """This process's place: torchrun's variables, else submitit's job environment, else a world of one.
+
+    torchrun's variables are checked: integers, a rank inside the world, and
+    the rendezvous (``MASTER_ADDR``, ``MASTER_PORT``) of a world of several;
+    anything else is :class:`LaunchRefused`, before a process group waits on it.
+    """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+        given = " ".join(f"{k}={env[k]}" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in env)
+        try:
+            rank, size, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+        except ValueError:
+            raise LaunchRefused(f"{given}: not integers; unset them, or start the run with torchrun") from None
+        if not 0 <= rank < size or local < 0:
+            raise LaunchRefused(f"{given}: the rank is not one of the world's; unset them, or start with torchrun")
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if size > 1 and not env.get(k)]
+        if missing:
+            raise LaunchRefused(
+                f"{given} are set but {' and '.join(missing)} not: left over from another launcher? unset them "
+                "for a run on one process, or start the run with torchrun"
+            )
+        return Launch(rank, size, local, "torchrun")
     if env.get("SUBMITIT_EXECUTOR"):
         import submitit
 

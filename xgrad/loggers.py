@@ -24,13 +24,16 @@ W&B: one run per training run, ``group = <data>-<model>-<optimizer>-seed<seed>``
 (the baseline and every ``s`` of one setting side by side), ``job_type =
 baseline | xgrad``, resumed under the same id when the training run resumes.
 W&B can never take a training run down (:class:`WandbRun`): it never prompts,
-never waits longer than ``logger.init_timeout``, falls back to an offline run
-that ``wandb sync`` uploads later, and a failure after the start is logged once
-and ends W&B logging, not training.
+its start and finish together never wait longer than ``logger.init_timeout``
+(nor, at exit, for W&B's own analytics, which are off unless
+``WANDB_ERROR_REPORTING`` says otherwise), it falls back to an offline run that
+``wandb sync`` uploads later, and a failure after the start is logged once and
+ends W&B logging, not training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +43,8 @@ import secrets
 import socket
 import string
 import threading
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -92,35 +97,45 @@ def api_key_available(host: str | None = None) -> bool:
 
 
 def unreachable(url: str, timeout: float) -> str | None:
-    """Why no TCP connection to ``url``'s server (or its proxy) opens within ``timeout`` s; None when one does.
+    """Why ``url``'s server (or its proxy) gives no HTTP answer within ``timeout`` s; None when it answers.
 
-    W&B retries an unreachable server until its init timeout runs out; on a
-    compute node without network this answers in milliseconds (the name does
-    not resolve) instead. The connection is tried in a thread so that a
-    resolver that hangs cannot hold the run past ``timeout`` either.
+    Any answer counts, an error status included: the server is there. W&B
+    retries a server that does not answer until its init timeout runs out,
+    and a run that failed to start online is then flushed again when the
+    process exits (about 20 s more, measured with a server that accepts
+    connections and never answers). On a compute node without network this
+    answers in milliseconds (the name does not resolve) instead. The request
+    runs in a thread, so that a resolver that hangs cannot hold the run past
+    ``timeout`` either.
     """
     parts = urlparse(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and host and not urllib.request.proxy_bypass(host):
-        proxy_parts = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = proxy_parts.hostname, proxy_parts.port or 80
-    outcome: list[OSError | None] = []
+    outcome: list[str | None] = []
 
-    def connect() -> None:
+    def ask() -> None:
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             outcome.append(None)
-        except OSError as error:
-            outcome.append(error)
+        except urllib.error.HTTPError:  # an answer, if not a welcome one
+            outcome.append(None)
+        except urllib.error.URLError as error:
+            reason = error.reason
+            if isinstance(reason, TimeoutError | socket.timeout):
+                outcome.append(f"no answer from {host}:{port} within {timeout:g} s")
+            else:
+                outcome.append(f"cannot reach {host}:{port} ({getattr(reason, 'strerror', None) or reason})")
+        except (OSError, ValueError) as error:  # a timeout while reading the answer, a malformed URL
+            if isinstance(error, TimeoutError | socket.timeout):
+                outcome.append(f"no answer from {host}:{port} within {timeout:g} s")
+            else:
+                outcome.append(f"cannot reach {host}:{port} ({getattr(error, 'strerror', None) or error})")
 
-    probe = threading.Thread(target=connect, name="wandb-reachable", daemon=True)
+    probe = threading.Thread(target=ask, name="wandb-reachable", daemon=True)
     probe.start()
     probe.join(timeout)
     if not outcome:
-        return f"no connection to {host}:{port} within {timeout:g} s"
-    error = outcome[0]
-    return None if error is None else f"cannot reach {host}:{port} ({error.strerror or error})"
+        return f"no answer from {host}:{port} within {timeout:g} s"
+    return outcome[0]
 
 
 def new_run_id() -> str:
@@ -131,6 +146,22 @@ def new_run_id() -> str:
     by id, land in one W&B run.
     """
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+#: the values of ``WANDB_MODE`` W&B accepts (wandb 0.2x; an empty one is taken as unset)
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+
+
+def check_wandb_environment() -> None:
+    """Refuse a ``WANDB_MODE`` W&B would fail on with a validation traceback; an empty one is removed (unset).
+
+    Raises ValueError, one line.
+    """
+    if os.environ.get("WANDB_MODE") == "":
+        del os.environ["WANDB_MODE"]
+    mode = os.environ.get("WANDB_MODE")
+    if mode is not None and mode not in WANDB_MODES:
+        raise ValueError(f"WANDB_MODE={mode!r}: W&B accepts {', '.join(WANDB_MODES)}; set one of them, or unset it")
 
 
 def wandb_mode(configured: str | None) -> str:
@@ -153,18 +184,21 @@ class WandbRun:
     """One W&B run; nothing it does can stop the training run.
 
     :meth:`start` never prompts for a key (online without one means offline),
-    tries online only when the server answers (:func:`unreachable`), and waits
-    at most ``init_timeout`` seconds for W&B to start, to log in and, at the
-    end, to upload. An online start that fails falls back to an offline run
+    tries online only when the server answers HTTP (:func:`unreachable`), and
+    waits at most ``init_timeout`` seconds in all for that answer, for W&B to
+    start and log in and, at the end, to upload (:meth:`finish` gets what the
+    start left). An online start that fails falls back to an offline run
     under a fresh id (W&B keeps the failed id in use within the process);
     ``wandb sync <run_dir>/wandb/offline-run-*`` uploads it later. Any W&B call
     that fails afterwards is logged once, and the run trains on without W&B:
     ``metrics.jsonl`` and ``summary.json`` hold everything.
     """
 
-    def __init__(self, run: Any, group: str, job_type: str):
+    def __init__(self, run: Any, group: str, job_type: str, deadline: float | None = None):
         self.run, self.group, self.job_type = run, group, job_type
         self.id = run.id
+        # what is left of logger.init_timeout once the start is over: the most the finish may wait
+        self.finish_budget_s = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         # validation and test curves against epochs; the training loss against optimizer steps
         self._call("defining its metrics", self._define_metrics)
 
@@ -185,8 +219,12 @@ class WandbRun:
         run_id: str | None,
     ) -> WandbRun | None:
         """The W&B run of a training run (files in ``<run_dir>/wandb``), or None when W&B cannot start at all."""
+        # W&B's own analytics post to the server when the process exits, waiting 10 s per post on one that
+        # does not answer (wandb 0.2x, measured: 22 s after a failed online start): off, unless asked for
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb
 
+        deadline = time.monotonic() + init_timeout  # every wait of W&B's, start and finish together
         mode = wandb_mode(mode)
         if mode == "online":
             url = wandb_base_url()
@@ -196,6 +234,7 @@ class WandbRun:
             if offline_because:
                 log.warning("W&B: %s; logging offline to %s (upload later with `wandb sync`)", offline_because, run_dir / "wandb")
                 mode = "offline"
+        left = max(deadline - time.monotonic(), 1.0)
         init = dict(
             project=project,
             entity=entity,
@@ -206,19 +245,17 @@ class WandbRun:
             config=config,
             resume="allow",  # the same id again (a resumed training run) continues that W&B run
             dir=str(run_dir),
-            settings=wandb.Settings(
-                init_timeout=init_timeout, login_timeout=init_timeout, finish_timeout=init_timeout, quiet=True
-            ),
+            settings=wandb.Settings(init_timeout=left, login_timeout=left, finish_timeout=left, quiet=True),
         )
         try:
-            return cls(wandb.init(mode=mode, id=run_id or new_run_id(), **init), group, job_type)
+            return cls(wandb.init(mode=mode, id=run_id or new_run_id(), **init), group, job_type, deadline)
         except Exception as error:  # noqa: BLE001 -- any failure to start W&B
             if mode != "online":
                 log.warning("W&B could not start (%s); training goes on without it", _one_line(error))
                 return None
             log.warning("W&B online start failed (%s); logging offline under a new run id instead", _one_line(error))
         try:
-            return cls(wandb.init(mode="offline", id=new_run_id(), **init), group, job_type)
+            return cls(wandb.init(mode="offline", id=new_run_id(), **init), group, job_type, deadline)
         except Exception as error:  # noqa: BLE001
             log.warning("W&B could not start offline either (%s); training goes on without it", _one_line(error))
             return None
@@ -255,10 +292,31 @@ class WandbRun:
         self._call("updating the summary", lambda: self.run.summary.update(values))
 
     def finish(self, status: str) -> None:
-        """End the W&B run: ``completed`` exits 0; ``interrupted`` marks it preempted first (it will resume)."""
+        """End the W&B run: ``completed`` exits 0; ``interrupted`` marks it preempted first (it will resume).
+
+        The finish waits at most what the start left of ``logger.init_timeout``
+        (an offline run finishes at once); past that it is left to end in the
+        background and the run goes on, saying so.
+        """
         if status == "interrupted":
             self._call("marking the run preempted", lambda: self.run.mark_preempting())
-        self._call("finishing", lambda: self.run.finish(exit_code=0 if status == "completed" else 1))
+        if self.run is None:
+            return
+        run, exit_code = self.run, 0 if status == "completed" else 1
+        ended = threading.Event()
+
+        def finish() -> None:
+            self._call("finishing", lambda: run.finish(exit_code=exit_code))
+            ended.set()
+
+        if self.finish_budget_s is None:
+            finish()
+            return
+        threading.Thread(target=finish, name="wandb-finish", daemon=True).start()
+        if not ended.wait(max(self.finish_budget_s, 0.5)):
+            log.warning("W&B did not finish within what logger.init_timeout left (%.1f s); it goes on in the "
+                        "background, the run directory has every result", self.finish_budget_s)  # fmt: skip
+            self.run = None
 
 
 class RunLogger:

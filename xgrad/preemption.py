@@ -48,8 +48,32 @@ import threading
 from types import FrameType
 from typing import Any
 
-#: submitit's preemption signal (it reads the same variable)
-PREEMPT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+#: signals no process can catch: a checkpoint cannot be written on them
+UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
+
+
+def preempt_signal() -> signal.Signals:
+    """submitit's preemption signal, as ``$SUBMITIT_PREEMPT_SIGNAL`` names it (submitit reads the same variable).
+
+    A name that is not a signal, or one that cannot be caught (KILL, STOP), is
+    refused in one line (ValueError): no checkpoint could be written on it.
+    """
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    signum = getattr(signal, "SIG" + name.upper().removeprefix("SIG"), None)
+    if not isinstance(signum, signal.Signals):
+        raise ValueError(f"SUBMITIT_PREEMPT_SIGNAL={name!r} names no signal; unset it (submitit's default is USR2)")
+    if signum in UNCATCHABLE:
+        raise ValueError(
+            f"SUBMITIT_PREEMPT_SIGNAL={name!r}: {signum.name} cannot be caught, so no checkpoint could be written "
+            "before the job stops; unset it (USR2) or name a signal a process can handle"
+        )
+    return signum
+
+
+try:
+    PREEMPT_SIGNAL = preempt_signal()
+except ValueError:  # refused when a run starts (xgrad/train.py); importing this module never fails
+    PREEMPT_SIGNAL = signal.SIGUSR2
 
 
 class Interrupted(Exception):

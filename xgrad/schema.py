@@ -65,6 +65,10 @@ def number(low: float = 0.0, *, above: bool = True) -> Rule:
 
 
 NON_NEGATIVE = number(0, above=False)
+#: a learning rate: finite and at most 1000 (SGD on the PTB LSTMs uses 30; 1e308 only overflows the first update)
+LEARNING_RATE = Rule(lambda v: _number(v) and 0 <= v <= 1e3, "a finite number in [0, 1000]")
+#: what every generator a run seeds accepts: NumPy's seeds are 32-bit
+SEED = Rule(lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32 - 1] (NumPy's seed range)")
 
 
 def one_of(*values: str) -> Rule:
@@ -144,7 +148,7 @@ class SGDM:
     name: str = constant("sgdm")
     _target_: str = constant("torch.optim.SGD")
     _partial_: bool = key(True, BOOLEAN)
-    lr: float = key(0.1, NON_NEGATIVE)
+    lr: float = key(0.1, LEARNING_RATE)
     momentum: float = key(0.9, NON_NEGATIVE)
     dampening: float = key(0.0, NON_NEGATIVE)
     nesterov: bool = key(False, BOOLEAN)
@@ -156,7 +160,7 @@ class RMSprop:
     name: str = constant("rmsprop")
     _target_: str = constant("torch.optim.RMSprop")
     _partial_: bool = key(True, BOOLEAN)
-    lr: float = key(1e-3, NON_NEGATIVE)
+    lr: float = key(1e-3, LEARNING_RATE)
     alpha: float = key(0.99, Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"))
     eps: float = key(1e-8, NON_NEGATIVE)
     momentum: float = key(0.0, NON_NEGATIVE)
@@ -171,7 +175,7 @@ class _Moments:
     name: str = key("", TEXT)
     _target_: str = key("", TEXT)
     _partial_: bool = key(True, BOOLEAN)
-    lr: float = key(1e-3, NON_NEGATIVE)
+    lr: float = key(1e-3, LEARNING_RATE)
     betas: list[float] = key([0.9, 0.999], BETAS)
     eps: float = key(1e-8, NON_NEGATIVE)
     weight_decay: float = key(5e-4, NON_NEGATIVE)
@@ -298,7 +302,7 @@ class Config:
     scheduler: Any = None
     trainer: Any = None
     logger: Any = None
-    seed: int = key(0, integer(0))
+    seed: int = key(0, SEED)
     scale: Optional[str] = key(None, optional(TEXT))  # a protocol's size label (paper, quick, ...)
     paper_epochs: Optional[int] = key(None, optional(integer(1)))  # the paper schedule's length, when shorter
     protocol: Optional[dict[str, Any]] = key(None, ANYTHING)  # a protocol's per-optimizer numbers

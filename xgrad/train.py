@@ -47,14 +47,14 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from xgrad import distributed, hardware, schema
+from xgrad import distributed, hardware, preemption, schema
 from xgrad.atomic import WriteFailed
 from xgrad.builder import build_run
 from xgrad.checkpoint import UnreadableCheckpoint
 from xgrad.data.base import DatasetMissingError
-from xgrad.distributed import Launch, RankFailed, World
+from xgrad.distributed import Launch, LaunchRefused, RankFailed, World
 from xgrad.engine import TrainingFailed
-from xgrad.loggers import RunLogger, WandbRun
+from xgrad.loggers import RunLogger, WandbRun, check_wandb_environment
 from xgrad.preemption import Interrupted, StopSignals
 from xgrad.run_dir import RunDirectory, RunDirRefused, fingerprint, record_refusal
 from xgrad.schema import ConfigError
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 #: what refuses a start before training (exit status 2) ...
-REFUSALS = (ConfigError, RunDirRefused, UnreadableCheckpoint, DatasetMissingError, RankFailed)
+REFUSALS = (ConfigError, RunDirRefused, UnreadableCheckpoint, DatasetMissingError, RankFailed, LaunchRefused)
 #: ... and what ends a run that was training (exit status 1)
 FAILURES = (TrainingFailed, WriteFailed)
 
@@ -93,6 +93,7 @@ def validate(cfg: DictConfig, where: Launch = Launch()) -> None:
             f"data={OmegaConf.select(cfg, 'data.name')} is data.modality={modality}"
         )
     schema.check(cfg)
+    check_environment(cfg)
     device = resolve_device(cfg.trainer.device, where)
     ranks = where.world_size
     if ranks > 1 and cfg.data.batch_size % ranks:
@@ -105,6 +106,17 @@ def validate(cfg: DictConfig, where: Launch = Launch()) -> None:
             f"trainer.sync_batchnorm=true: synchronised batch norm needs CUDA devices (nccl); on the {device.type} "
             "each process normalises over its own share of the batch"
         )
+
+
+def check_environment(cfg: DictConfig) -> None:
+    """Refuse environment variables the run would trip over later: a preemption signal no handler can catch,
+    a W&B mode W&B does not know (the launcher's variables are checked by :func:`xgrad.distributed.launch`)."""
+    try:
+        preemption.preempt_signal()
+        if cfg.logger.name == "wandb":
+            check_wandb_environment()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def resolve_device(name: str, where: Launch = Launch()) -> torch.device:
@@ -306,7 +318,7 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(stopped.exit_code) from None
     except REFUSALS + FAILURES as error:
         refused = isinstance(error, REFUSALS)
-        if multirun and refused and distributed.launch().rank == 0:  # a failed run has written its own summary
+        if multirun and refused and _rank() == 0:  # a failed run has written its own summary
             record_refusal(Path(HydraConfig.get().runtime.output_dir), requested(cfg), f"refused: {error}")
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -314,6 +326,14 @@ def main(cfg: DictConfig) -> float | None:
             raise JobFailed(str(error)) from None
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2 if refused else 1) from None
+
+
+def _rank() -> int:
+    """This process's rank, 0 where the launcher's variables are what was refused."""
+    try:
+        return distributed.launch().rank
+    except LaunchRefused:
+        return 0
 
 
 if __name__ == "__main__":
