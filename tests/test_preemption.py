@@ -9,6 +9,7 @@ test_engine.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -88,7 +89,7 @@ def test_periodic_checkpoints_bound_what_a_crash_loses(train_run, monkeypatch, t
     assert untimed(run_dir) == untimed(whole) and len(steps) == 15 - 6
 
 
-def test_a_signal_during_evaluation_keeps_the_epoch_trained(train_run, monkeypatch, tmp_path):
+def test_a_signal_during_evaluation_keeps_the_epoch_trained(train_run, monkeypatch, tmp_path, caplog):
     whole = train_run(*ARGS)
     run_dir, evaluations, original = tmp_path / "stopped", [], Classification.evaluate
 
@@ -104,8 +105,11 @@ def test_a_signal_during_evaluation_keeps_the_epoch_trained(train_run, monkeypat
             train_run(*ARGS, f"hydra.run.dir={run_dir}")
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["position"]["batch"] == 5
     steps = count_steps(monkeypatch)
-    train_run(*ARGS, f"hydra.run.dir={run_dir}")
+    with caplog.at_level(logging.INFO, logger="xgrad.engine"):
+        train_run(*ARGS, f"hydra.run.dir={run_dir}")
     assert untimed(run_dir) == untimed(whole) and len(steps) == 5  # only epoch 3 trains
+    assert "resuming epoch 2 with its 5 training batches done: its evaluation is next" in caplog.text
+    assert "batch 6 of 5" not in caplog.text
 
 
 def test_submitits_preemption_handler_requeues_after_the_checkpoint(monkeypatch, tmp_path):
@@ -190,3 +194,35 @@ def test_under_submitit_the_preemption_signal_requeues_the_job_and_it_resumes_mi
     assert "Requeued job" in logs and "resuming epoch 2 at batch " in (run_dir / "train.log").read_text()
     assert summary(run_dir)["status"] == "completed"
     assert untimed(run_dir) == untimed(train_run(*args))
+
+
+def test_sigterm_to_a_parallel_sweep_stops_its_workers_each_checkpointing_and_the_rerun_resumes(tmp_path):
+    """joblib's workers are the sweep's children: SIGTERM to the sweep reaches them (xgrad/launch_guards.py)."""
+    import psutil
+
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "xgrad.train", "-m", *TEST_OVERRIDES, "hydra/launcher=joblib",
+               "hydra.launcher.n_jobs=2", "seed=0,1", "trainer.epochs=500", *SMALL, f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    for start in ("first", "rerun"):
+        logs = {job: (sweep / str(job) / "train.log").read_text() if start == "rerun" else "" for job in (0, 1)}
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not all((sweep / str(job) / "train.log").is_file()
+                          and (sweep / str(job) / "train.log").read_text() != logs[job]
+                          and summary(sweep / str(job))["status"] == "running" for job in (0, 1)):  # fmt: skip
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+                time.sleep(0.05)
+            workers = [child for child in psutil.Process(process.pid).children()
+                       if "loky" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(child.cmdline())]
+            assert len(workers) == 2
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        finally:
+            process.kill()
+        assert not [worker.pid for worker in workers if worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE]
+        for job in (0, 1):
+            assert summary(sweep / str(job))["status"] == "interrupted"
+            assert (sweep / str(job) / "checkpoints" / "last.pt").is_file()
+    for job in (0, 1):  # the rerun was not refused "in use": it continued each job where the first start stopped
+        assert "resuming epoch" in (sweep / str(job) / "train.log").read_text()
