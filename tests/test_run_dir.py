@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -59,6 +60,17 @@ def test_a_file_system_without_locks_warns_and_one_that_refuses_files_is_one_lin
         train_run(f"hydra.run.dir={tmp_path / 'ro'}", *SMALL)
 
 
+def test_a_disk_too_full_for_the_lock_file_is_one_line_before_anything_is_written(train_run, monkeypatch, tmp_path):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunDirRefused, match=rf"^cannot use {run_dir}: No space left on device \({run_dir / 'run.lock'}\)$"):
+        train_run(f"hydra.run.dir={run_dir}", *SMALL)
+    assert [p.name for p in run_dir.iterdir()] == ["run.lock"]
+
+
 def test_two_runs_started_together_into_one_directory_leave_one_run(tmp_path):
     """The issue's race: lr 0.001 and 0.01 into one hydra.run.dir, started together; one trains, one is refused."""
     run_dir = tmp_path / "shared"
@@ -102,6 +114,55 @@ def test_a_refused_start_leaves_every_file_byte_identical_whatever_files_remain(
     before = snapshot(run_dir)
     assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", *SMALL) == 2
     assert snapshot(run_dir) == before
+
+
+def test_a_checkpoint_of_another_run_copied_in_is_refused_in_one_line_and_nothing_changes(monkeypatch, capsys,
+                                                                                            tmp_path):
+    """The issue's case: last.pt of a run at lr 0.01 copied into a run at the default lr (its run.json says 0.001)."""
+    other, run_dir = tmp_path / "other", tmp_path / "run"
+    longer = ("trainer.epochs=2", *SMALL)
+    assert main_with(monkeypatch, f"hydra.run.dir={other}", "optimizer.lr=0.01", *SMALL) == 0
+    assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", *SMALL) == 0
+    (run_dir / "checkpoints" / "last.pt").write_bytes((other / "checkpoints" / "last.pt").read_bytes())
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", *longer) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {run_dir / 'checkpoints' / 'last.pt'} is not this run's: it was written by a run "
+                           "of another config (optimizer.lr=0.01 there, 0.001 in run.json)"), line  # fmt: skip
+    assert snapshot(run_dir) == before
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_the_model_is_one_line_and_nothing_changes(monkeypatch, capsys,
+                                                                                         tmp_path):
+    import torch
+
+    run_dir = tmp_path / "run"
+    assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", *SMALL) == 0
+    path = run_dir / "checkpoints" / "last.pt"
+    good = torch.load(path, weights_only=True)
+    cases = {
+        "weights of another shape": ({"classifier.4.weight": torch.zeros(3, 84)},
+                                     r"classifier\.4\.weight is \(3, 84\) there, \(10, 84\)"),
+        "another model's weights": ({"encoder.weight": torch.zeros(1)}, r"it holds encoder\.weight, which this model"),
+    }
+    for change, pattern in cases.values():
+        state = {**good, "model": {**good["model"], **change}}
+        torch.save(state, path)
+        before = snapshot(run_dir)
+        capsys.readouterr()
+        assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", "trainer.epochs=2", *SMALL) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert re.search(pattern, line) and "cannot be resumed from" in line, line
+        assert snapshot(run_dir) == before
+    param = next(iter(good["optimizer"]["state"]))
+    state = {**good, "optimizer": {**good["optimizer"], "state": {**good["optimizer"]["state"],
+                                                                   param: {"exp_avg": torch.zeros(2, 2)}}}}  # fmt: skip
+    torch.save(state, path)
+    capsys.readouterr()
+    assert main_with(monkeypatch, f"hydra.run.dir={run_dir}", "trainer.epochs=2", *SMALL) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "its optimizer's exp_avg is (2, 2) for a parameter of" in line, line
 
 
 def test_a_completed_run_is_not_trained_again_with_or_without_its_checkpoint(train_run, monkeypatch, tmp_path):

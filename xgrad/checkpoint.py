@@ -61,6 +61,43 @@ def load(path: Path, required: tuple[str, ...] = REQUIRED) -> dict[str, Any]:
     return state
 
 
+def check_fits(path: Path, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse (:class:`UnreadableCheckpoint`) a checkpoint whose weights or optimizer state do not fit these.
+
+    Before anything is loaded or written: ``load_state_dict`` would say so in a
+    many-line error, or (an optimizer state of other shapes) not at all until
+    the first step.
+    """
+    own = model.state_dict()
+    weights = state["model"]
+    if not isinstance(weights, dict):
+        raise UnreadableCheckpoint(path, "its model entry is not a state dict")
+    if missing := sorted(own.keys() - weights.keys()):
+        raise UnreadableCheckpoint(path, f"it holds no {_some(missing)}: the weights of another model")
+    if unexpected := sorted(weights.keys() - own.keys()):
+        raise UnreadableCheckpoint(path, f"it holds {_some(unexpected)}, which this model has not: another model")
+    for name, tensor in own.items():
+        theirs = weights[name]
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != tensor.shape:
+            shape = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+            raise UnreadableCheckpoint(path, f"{name} is {shape} there, {tuple(tensor.shape)} in this model")
+    groups, saved_groups = optimizer.param_groups, state["optimizer"].get("param_groups", [])
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in saved_groups]:
+        raise UnreadableCheckpoint(path, "its optimizer state has other parameter groups than this optimizer")
+    params = [p for group in groups for p in group["params"]]
+    ids = [i for group in saved_groups for i in group["params"]]
+    for param, index in zip(params, ids):
+        for key, value in state["optimizer"].get("state", {}).get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise UnreadableCheckpoint(
+                    path, f"its optimizer's {key} is {tuple(value.shape)} for a parameter of {tuple(param.shape)}"
+                )
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _why(error: Exception) -> str:
     """One line for a failed ``torch.load``. torch's own messages run to many lines and, for a file that
     names arbitrary objects, advise loading it with ``weights_only=False``, which would run its code."""

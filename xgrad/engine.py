@@ -349,7 +349,10 @@ class Engine:
             position["earlier_s"] = start["train_s"]
             if start.get("task") is not None:
                 self.task.load_state_dict(to_device(start["task"], self.device))
-            log.info("resuming epoch %d at batch %d of %d", epoch + 1, start["batch"] + 1, total)
+            if start["batch"] < total:
+                log.info("resuming epoch %d at batch %d of %d", epoch + 1, start["batch"] + 1, total)
+            else:  # stopped while evaluating: every batch has trained
+                log.info("resuming epoch %d with its %d training batches done: its evaluation is next", epoch + 1, total)
         started, earlier = time.perf_counter(), position["train_s"]
         every = self.settings.checkpoint_every_n_steps
 

@@ -195,6 +195,8 @@ class RunDirectory:
         record = self._record()
         if record is not None:
             before, target = record["config"], record["epochs"]
+            if saved is not None:
+                self._checkpoint_of_this_run(before, saved["config"])
         elif saved is not None:
             before, target = saved["config"], None  # written before run.json existed: the length it aimed at is unknown
         elif self.metrics_file.is_file():
@@ -247,9 +249,22 @@ class RunDirectory:
                 f"process(es) (this start has {world_size}), or move it away to train the run from its start"
             )
 
+    def _checkpoint_of_this_run(self, record: dict[str, Any], written: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by a run of another config than run.json records (one copied in, say)."""
+        record, written = recorded(record), recorded(written)
+        changed = _differences(record, written)
+        if changed:
+            diffs = "; ".join(f"{k}={written.get(k, '<absent>')!r} there, {record.get(k, '<absent>')!r} in run.json"
+                              for k in changed[:5])  # fmt: skip
+            more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+            raise RunDirRefused(
+                f"{self.checkpoint_file} is not this run's: it was written by a run of another config ({diffs}{more}); "
+                f"move it away to train the run {self.record_file} records from its start, or pass a new hydra.run.dir"
+            )
+
     def _same_config(self, before: dict[str, Any], now: dict[str, Any]) -> None:
         before = recorded(before)
-        changed = [k for k in sorted(now.keys() | before.keys()) if now.get(k, "<absent>") != before.get(k, "<absent>")]
+        changed = _differences(before, now)
         if changed:
             diffs = "; ".join(f"{k}={before.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} now" for k in changed[:5])
             more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
@@ -272,6 +287,11 @@ class RunDirectory:
         if hydra is not None:
             atomic.write_text(subdir / "hydra.yaml", OmegaConf.to_yaml(hydra))
             atomic.write_text(subdir / "overrides.yaml", OmegaConf.to_yaml(hydra.hydra.overrides.task))
+
+
+def _differences(one: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two configs (a key only one holds included), sorted."""
+    return [k for k in sorted(one.keys() | other.keys()) if one.get(k, "<absent>") != other.get(k, "<absent>")]
 
 
 def record_refusal(path: Path, identity: dict[str, Any], reason: str) -> None:

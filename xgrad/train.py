@@ -47,7 +47,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from xgrad import distributed, hardware, preemption, schema
+from xgrad import checkpoint, distributed, hardware, preemption, schema
 from xgrad.atomic import WriteFailed
 from xgrad.builder import build_run
 from xgrad.checkpoint import UnreadableCheckpoint
@@ -271,6 +271,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
         saved = world.on_every_rank(checkpoint_to_resume)
         parts = build_run(cfg, device, world)
+        if saved is not None:
+            checkpoint.check_fits(directory.checkpoint_file, saved, parts.model, parts.optimizer)
         parts.settings = dataclasses.replace(parts.settings, progress=trainer.progress and world.main)
         identity = describe(cfg, parts.task, parts.data, device, world)
         world.from_rank_zero(lambda: directory.accept(cfg))
