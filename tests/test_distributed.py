@@ -31,7 +31,7 @@ from torch import nn
 from conftest import TEST_OVERRIDES, summary, untimed
 from xgrad import checkpoint, distributed
 from xgrad.distributed import Launch
-from xgrad.run_dir import RunDirectory, RunDirRefused
+from xgrad.run_dir import RunDirectory, RunDirRefused, fingerprint
 from xgrad.schema import ConfigError
 from xgrad.train import validate
 
@@ -262,11 +262,12 @@ def test_a_mid_epoch_checkpoint_with_carried_state_resumes_on_as_many_ranks_only
     cfg = compose_config("data=ptb", "model=lstm1")
     directory = RunDirectory(tmp_path)
     directory.accept(cfg)
-    saved = {"epoch": 0, "position": {"batch": 3, "task": {"state": None}}, "world_size": 2}
+    config = fingerprint(cfg)  # what the entry point stores in every checkpoint
+    saved = {"epoch": 0, "position": {"batch": 3, "task": {"state": None}}, "world_size": 2, "config": config}
     assert directory.check(cfg, saved, world_size=2) is None
     with pytest.raises(RunDirRefused, match=r"by 2 process\(es\), .* continue it on 2 process\(es\) \(this start has 1\)"):
         directory.check(cfg, saved, world_size=1)
-    at_epoch_end = {"epoch": 1, "position": None, "world_size": 2}
+    at_epoch_end = {"epoch": 1, "position": None, "world_size": 2, "config": config}
     assert directory.check(cfg, at_epoch_end, world_size=3) is None  # batches are global: any number of ranks
 
 
@@ -321,3 +322,24 @@ def test_a_sweep_run_by_every_rank_is_reported_by_rank_zero_alone(monkeypatch, t
         reports.on_multirun_start(config)
         reports.on_multirun_end(config)
         assert (tmp_path / f"results{rank}" / "adam.md").is_file() == written
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+@pytest.mark.parametrize(("visible", "expected"), [(8, [f"cuda:{rank % 4}" for rank in range(8)]), (1, ["cuda:0"] * 8)])
+def test_each_process_of_a_gpu_run_is_put_on_the_gpu_of_its_local_rank(monkeypatch, device, visible, expected):
+    """CUDA mocked: 8 ranks on two nodes of 4 (torchrun), seeing a node's GPUs or one GPU each (--gpus-per-task)."""
+    from xgrad.train import resolve_device
+
+    put_on = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", put_on.append)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.atexit, "register", lambda *args: None)
+    for rank in range(8):
+        where = Launch(rank=rank, world_size=8, local_rank=rank % 4, launcher="torchrun")
+        distributed.start(where, resolve_device(device, where))
+    assert [str(d) for d in put_on] == expected
+    for d in put_on:
+        torch.cuda._get_device_index(d, optional=False)  # what set_device requires: an index (raises without one)

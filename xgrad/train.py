@@ -47,7 +47,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from xgrad import checkpoint, distributed, hardware, preemption, schema
+from xgrad import checkpoint, distributed, hardware, performance, preemption, schema
 from xgrad.atomic import WriteFailed
 from xgrad.builder import build_run
 from xgrad.checkpoint import UnreadableCheckpoint
@@ -127,8 +127,8 @@ def resolve_device(name: str, where: Launch = Launch()) -> torch.device:
     sees when the launcher gives each process its own (SLURM's
     ``--gpus-per-task``); naming one GPU for all of them is refused.
     """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # then as if named: several processes need the index of their own GPU
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -191,11 +191,13 @@ def requested(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def describe(cfg: DictConfig, task: Any, data: Any, device: torch.device, world: World) -> dict[str, Any]:
+def describe(cfg: DictConfig, task: Any, data: Any, device: torch.device, world: World,
+             model: torch.nn.Module | None = None) -> dict[str, Any]:  # fmt: skip
     """What summary.json says the run is (the outcome is added by the logger).
 
     ``hardware`` is one process's device; ``world_size`` says how many
-    processes trained together, over ``backend`` (None for one process).
+    processes trained together, over ``backend`` (None for one process);
+    ``precision`` what ``trainer.precision`` ran as for ``model``.
     """
     return {
         "task": type(task).__name__,
@@ -203,6 +205,7 @@ def describe(cfg: DictConfig, task: Any, data: Any, device: torch.device, world:
         "data_variant": data.variant,
         "data_sizes": data.sizes(),
         "hardware": hardware.describe(device),
+        "precision": performance.precision_label(model, cfg.trainer.precision) if model is not None else None,
         "world_size": world.size,
         "backend": world.backend,
         "metric": task.metric,
@@ -274,7 +277,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if saved is not None:
             checkpoint.check_fits(directory.checkpoint_file, saved, parts.model, parts.optimizer)
         parts.settings = dataclasses.replace(parts.settings, progress=trainer.progress and world.main)
-        identity = describe(cfg, parts.task, parts.data, device, world)
+        identity = describe(cfg, parts.task, parts.data, device, world, parts.model)
         world.from_rank_zero(lambda: directory.accept(cfg))
         wandb_run = None
         if cfg.logger.name == "wandb" and world.main:
