@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import summary, untimed
 from xgrad import WeightPredictor, performance
@@ -212,3 +213,152 @@ def test_a_benchmarks_xgrad_arm_predicts_and_its_baseline_does_not(compose_confi
     assert baseline.predictor is None and isinstance(xgrad.predictor, WeightPredictor)
     with pytest.raises(ValueError, match=r"xgrad=on"):  # an XGrad arm without XGrad would time the baseline twice
         benchmark_arm(compose_config("xgrad=off"), data, torch.device("cpu"), tmp_path / "off", xgrad=True)
+
+
+# ---------------------------------------------------------------- every model's step, on the meta device
+
+
+class CountTransfers(TorchDispatchMode):
+    """Every value read off the device and every host→device copy, seen where torch dispatches them.
+
+    The model and its optimizer live on ``meta`` (shapes, no values), which
+    stands for the GPU: a read (``item()``, ``bool()``, a copy to the host,
+    also the ones torch makes internally, e.g. in ``pack_padded_sequence``) is
+    recorded and answered with a dummy value, and a copy from the host is
+    recorded with whether it blocks. Tensors that torch keeps on the host in a
+    GPU run too (the optimizers' step counts) are host tensors here as well,
+    not counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            self.events.append("read")
+            return 1
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            target = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device", source.device)
+            if source.device.type == "meta" and target.type == "cpu":
+                self.events.append("read")
+                return torch.empty(source.shape, dtype=kwargs.get("dtype") or source.dtype)
+            if source.device.type == "cpu" and target.type == "meta":
+                self.events.append("copy to device" if kwargs.get("non_blocking") else "blocking copy to device")
+        return func(*args, **kwargs)
+
+
+def _every_model_with_its_data():
+    from test_configs import model_input, options
+
+    data = {"image": ("data=fashion_mnist",), "text": ("data=ptb", "data.bptt=8"),
+            "translation": ("data=wmt16_en_de",)}  # fmt: skip
+    return [pytest.param(model, data[model_input(model)], id=model) for model in options("model")]
+
+
+@pytest.mark.parametrize(("model", "data"), _every_model_with_its_data())
+def test_no_training_step_of_any_model_waits_for_the_device(compose_config, tmp_path_factory, model, data):
+    """Steps 2 and 3 of every model with XGrad and clipping: nothing read off the device, only the batch copied to it.
+
+    (Step 1 may move a task's constants once, and creates the optimizer's state.)
+    """
+    from xgrad.builder import build_run
+    from xgrad.engine import to_device
+    from xgrad.loggers import RunLogger
+
+    extra = ()
+    if "data=wmt16_en_de" in data:
+        from test_translation import VOCAB, write_corpus
+
+        root = tmp_path_factory.mktemp("wmt16")
+        extra = (f"data.root={write_corpus(root)}", f"data.vocab_size={VOCAB}")
+    meta = torch.device("meta")
+    cfg = compose_config(f"model={model}", *data, *extra, "xgrad=on", "trainer.grad_clip=1.0", "data.batch_size=4")
+    parts = build_run(cfg, meta)
+    run_dir = tmp_path_factory.mktemp("run")
+    engine = parts.engine(run_dir, RunLogger(run_dir, {}))
+    parts.forward.train()
+    parts.task.start_epoch(parts.forward, training=True)
+    batches = iter(parts.data.train_batches(0, 0))
+    for step in range(3):
+        batch = next(batches)
+        with CountTransfers() as counted:
+            engine.train_step(to_device(batch, meta, engine.settings.channels_last))
+        tensors = [t for t in (batch.values() if isinstance(batch, dict) else batch) if torch.is_tensor(t)]
+        if step > 0:
+            assert counted.events == ["copy to device"] * len(tensors), f"step {step + 1}: {counted.events}"
+
+
+@pytest.mark.parametrize("model", [("model=lenet",), ("model=vae",), TINY_PTB], ids=["lenet", "vae", "lstm"])
+def test_an_evaluation_reads_its_metrics_off_the_device_once(compose_config, model):
+    """Three batches, one read: the sums stay on the device until the pass ends (translation decodes on the host)."""
+    from itertools import islice
+
+    from xgrad.builder import build_run
+
+    parts = build_run(compose_config(*model, "data.eval_batch_size=8"), torch.device("cpu"))
+    parts.model.eval()
+    parts.task.start_epoch(parts.model, training=False)
+    with torch.no_grad(), CountReads(lambda: []) as counter:
+        metrics = parts.task.evaluate(parts.model, islice(parts.data.val_batches(), 3))
+    assert len(counter.reads) == 1, counter.reads
+    assert all(isinstance(value, float) for value in metrics.values())
+
+
+# ---------------------------------------------------------------- bf16: never float16 by the back door
+
+
+@pytest.mark.parametrize(("model", "data"), _every_model_with_its_data())
+def test_no_model_has_a_recurrent_layer_that_autocast_would_run_in_float16(compose_config, tmp_path_factory, model,
+                                                                           data):  # fmt: skip
+    """torch's autocast casts cuDNN RNNs to float16 even when asked for bf16: every LSTM is xgrad's float32 one."""
+    from hydra.utils import instantiate
+
+    extra = ()
+    if "data=wmt16_en_de" in data:
+        from test_translation import VOCAB
+
+        extra = (f"data.vocab_size={VOCAB}",)
+    net = compose_config(f"model={model}", *data, *extra).model.net
+    with torch.device("meta"):
+        modules = list(instantiate(net).modules())
+    plain = [type(m).__name__ for m in modules if isinstance(m, nn.RNNBase) and not getattr(m, "autocast_float32", None)]
+    assert plain == []
+
+
+def test_under_bf16_autocast_the_lstm_layers_run_in_float32_and_the_rest_in_bf16():
+    from xgrad.models.lstm_lm import AWDLSTM
+
+    torch.manual_seed(0)
+    model = AWDLSTM(vocab_size=50, emb_size=8, hidden_size=8, num_layers=2).eval()
+    tokens = torch.randint(0, 50, (5, 3))
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((getattr(m, "autocast_float32", "other"),
+                                                                 (o[0] if isinstance(o, tuple) else o).dtype)))
+             for m in (*model.rnns, model.decoder)]  # fmt: skip
+    with torch.no_grad():
+        plain = [model.rnns[0](model.encoder(tokens))[0]]
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = model(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first = model.rnns[0](model.encoder(tokens))[0]
+    for hook in hooks:
+        hook.remove()
+    assert seen[:3] == [("LSTM", torch.float32), ("LSTM", torch.float32), ("other", torch.bfloat16)]
+    assert logits.dtype == torch.bfloat16  # the decoder ran in bf16
+    assert torch.equal(first, plain[0])  # exactly the float32 layer
+
+
+def test_a_run_says_what_its_precision_ran_as(train_run):
+    from xgrad import performance
+    from xgrad.models.lenet import LeNet5
+    from xgrad.models.lstm_lm import AWDLSTM
+
+    lstm = AWDLSTM(vocab_size=10, emb_size=4, hidden_size=4, num_layers=1)
+    assert performance.precision_label(lstm, "bf16") == "bf16 (LSTM layers in float32)"
+    assert performance.precision_label(lstm, 32) == "32"
+    assert performance.precision_label(LeNet5(1, 10, 28), "bf16") == "bf16"
+    assert summary(train_run(*TINY_PTB, "trainer.precision=bf16"))["precision"] == "bf16 (LSTM layers in float32)"

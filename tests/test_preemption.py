@@ -9,6 +9,7 @@ test_engine.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -206,6 +207,7 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers_each_checkpointing_and_th
     for start in ("first", "rerun"):
         logs = {job: (sweep / str(job) / "train.log").read_text() if start == "rerun" else "" for job in (0, 1)}
         process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        workers = []
         try:
             deadline = time.monotonic() + 120
             while not all((sweep / str(job) / "train.log").is_file()
@@ -218,9 +220,14 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers_each_checkpointing_and_th
             assert len(workers) == 2
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=60) == 128 + signal.SIGTERM
-        finally:
+            assert not [w.pid for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+        finally:  # a failed test leaves no worker training on
+            with contextlib.suppress(psutil.NoSuchProcess):
+                workers += psutil.Process(process.pid).children(recursive=True)
             process.kill()
-        assert not [worker.pid for worker in workers if worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE]
+            for worker in workers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
         for job in (0, 1):
             assert summary(sweep / str(job))["status"] == "interrupted"
             assert (sweep / str(job) / "checkpoints" / "last.pt").is_file()

@@ -101,13 +101,13 @@ def test_tokenizer_is_trained_once_then_reused(tmp_path, monkeypatch):
     second = build(root)
     assert second.tokenizer.serialized_model_proto() == first.tokenizer.serialized_model_proto()
     for a, b in zip(first.val_batches(), second.val_batches(), strict=True):
-        assert all(torch.equal(a[key], b[key]) for key in a)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
 
 
 def trimmed(batch, side: str) -> list[tuple[int, ...]]:
     """Each row of ``batch[side]`` up to its length, after checking that the rest is padding."""
     rows = []
-    for row, n in zip(batch[side].tolist(), batch[f"{side}_len"].tolist()):
+    for row, n in zip(batch[side].tolist(), [int(n) for n in batch[f"{side}_len"]]):
         assert all(t == PAD for t in row[n:]) and PAD not in row[:n]
         rows.append(tuple(row[:n]))
     return rows
@@ -125,7 +125,8 @@ def test_training_batches_hold_every_pair_once_with_bos_eos_and_padding(data, co
     for batch in batches:
         b = batch["src"].size(0)
         assert 1 <= b <= 16 and batch["tgt"].size(0) == b
-        assert batch["src"].size(1) == batch["src_len"].max() and batch["tgt"].size(1) == batch["tgt_len"].max()
+        assert batch["src"].size(1) == max(batch["src_len"]) and batch["tgt"].size(1) == batch["tgt_len"].max()
+        assert list(batch["src_len"]) == sorted(batch["src_len"], reverse=True)  # longest first: packed unsorted
         seen += zip(trimmed(batch, "src"), trimmed(batch, "tgt"))
     assert sorted(seen) == expected
 
@@ -161,16 +162,21 @@ def test_max_len_drops_pairs_too_long_on_either_side(tmp_path):
     assert 0 < expected < sum(s <= 6 for s, _ in lengths) < 200  # both sides' limits matter here
     batches = list(short.train_batches(epoch=0, seed=3))
     assert sum(b["src"].size(0) for b in batches) == expected
-    assert all(int(b["src_len"].max()) <= 6 + 1 and int(b["tgt_len"].max()) <= 6 + 2 for b in batches)
+    assert all(max(b["src_len"]) <= 6 + 1 and int(b["tgt_len"].max()) <= 6 + 2 for b in batches)
 
 
 def test_eval_batches_keep_file_order_and_point_at_raw_references(data, corpus):
+    """Batches in file order, each longest first: its index says which sentence each row is."""
     for split, batches in (("valid", data.val_batches()), ("test", data.test_batches())):
         sources, references = lines(corpus / f"{split}.en"), lines(corpus / f"{split}.de")
-        rows = [i for b in batches for i in b["index"].tolist()]
-        assert [data.references[i] for i in rows] == references
-        encoded = [src for b in batches for src in trimmed(b, "src")]
-        assert encoded == [tuple(data.tokenizer.encode(s)) + (EOS,) for s in sources]
+        start = 0 if split == "valid" else len(lines(corpus / "valid.de"))
+        rows = [i for b in batches for i in b["index"]]
+        assert sorted(rows) == list(range(start, start + len(references)))
+        assert all(sorted(b["index"]) == list(range(min(b["index"]), max(b["index"]) + 1)) for b in batches)
+        assert [data.references[i] for i in sorted(rows)] == references
+        encoded = dict(zip(rows, (src for b in batches for src in trimmed(b, "src")), strict=True))
+        assert [encoded[i] for i in sorted(rows)] == [tuple(data.tokenizer.encode(s)) + (EOS,) for s in sources]
+        assert all(list(b["src_len"]) == sorted(b["src_len"], reverse=True) for b in batches)
 
 
 def test_missing_corpus_names_the_fetch_command(tmp_path):
@@ -214,10 +220,10 @@ def test_loss_is_label_smoothed_cross_entropy_over_real_tokens(data):
 def test_padding_does_not_change_a_sentence_s_logits(data):
     model = tiny_model().eval()
     batch = data.val_batches()[0]
-    assert batch["src_len"].min() < batch["src_len"].max()  # the batch really has padding
+    assert min(batch["src_len"]) < max(batch["src_len"])  # the batch really has padding
     with torch.no_grad():
         logits = model(batch["src"], batch["src_len"], batch["tgt"][:, :-1])
-        for i, (s, t) in enumerate(zip(batch["src_len"].tolist(), batch["tgt_len"].tolist())):
+        for i, (s, t) in enumerate(zip(batch["src_len"], batch["tgt_len"].tolist())):
             alone = model(batch["src"][i:i + 1, :s], batch["src_len"][i:i + 1], batch["tgt"][i:i + 1, :t - 1])
             torch.testing.assert_close(logits[i, :t - 1], alone[0], rtol=1e-5, atol=1e-5)
 
@@ -374,8 +380,10 @@ def test_evaluate_scores_detokenised_translations_against_references(data, corpu
             real = target != PAD
             nll -= log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)[real].sum().item()
             n += int(real.sum())
-    references = lines(corpus / "valid.de")
-    assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references[:16]]).score)
+    lines_of_file = lines(corpus / "valid.de")
+    references = [lines_of_file[i] for b in batches[:2] for i in b["index"]]  # each batch holds its rows longest first
+    assert sorted(references) == sorted(lines_of_file[:16])
+    assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
     assert 0 < metrics["bleu"] < 100  # a score that wrong alignment or a wrong subset would change
     assert metrics["loss"] == pytest.approx(nll / n, rel=1e-5)
 
@@ -402,3 +410,14 @@ def test_engine_trains_gnmt_tiny_with_xgrad_and_reports_bleu(request, tmp_path):
     assert 0 <= metrics[-1]["val/bleu"] <= 100 and np.isfinite(metrics[-1]["val/loss"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0 <= summary["test/bleu"] <= 100
+
+
+def test_lengths_in_any_order_or_as_a_tensor_give_the_same_logits(data):
+    """The data module gives lengths longest first on the host; a user's batch may give them otherwise."""
+    model = tiny_model().eval()
+    batch = data.val_batches()[0]
+    flip = torch.arange(batch["src"].size(0) - 1, -1, -1)
+    with torch.no_grad():
+        logits = model(batch["src"], batch["src_len"], batch["tgt"][:, :-1])
+        flipped = model(batch["src"][flip], torch.tensor(batch["src_len"])[flip], batch["tgt"][flip, :-1])
+    torch.testing.assert_close(flipped[flip], logits, rtol=1e-5, atol=1e-5)

@@ -53,6 +53,19 @@ def use_tf32(device: torch.device, enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def precision_label(model: torch.nn.Module, precision: Any) -> str:
+    """What ``trainer.precision`` ran as for ``model``: ``32``, ``bf16`` or ``16``, naming the modules kept in float32.
+
+    A module whose ``autocast_float32`` names its layers runs in float32 under
+    autocast (xgrad/models/rnn.py: torch's cuDNN RNNs would otherwise run in float16 under bf16).
+    """
+    precision = str(precision)
+    kept = sorted({m.autocast_float32 for m in model.modules() if getattr(m, "autocast_float32", None)})
+    if precision in ("bf16", "16") and kept:
+        return f"{precision} ({', '.join(kept)} layers in float32)"
+    return precision
+
+
 def channels_last(setting: Any, convolutional: bool, device: torch.device) -> bool:
     """``trainer.channels_last``: auto → on CUDA for a convolutional model (``model.channels_last``)."""
     if setting == "auto":

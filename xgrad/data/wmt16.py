@@ -24,27 +24,31 @@ every later run loads it. The token ids of each split are cached beside it as
 so a run on the full corpus does not re-encode 9M sentences. The ids
 ``pad=0, unk=1, bos=2, eos=3`` are fixed when the model is trained.
 
-Batches are dicts of CPU tensors::
+Batches are dicts of CPU tensors, and of tuples of ints that stay on the host::
 
     src      [B, S]  source pieces + EOS, padded with pad_id
-    src_len  [B]     source lengths (EOS included)
+    src_len  (B,)    source lengths (EOS included), longest first: a tuple, read on the host
+                     by ``pack_padded_sequence`` without a copy off the device
     tgt      [B, T]  BOS + target pieces + EOS, padded with pad_id
     tgt_len  [B]     target lengths (BOS and EOS included)
-    index    [B]     (valid and test only) row of the raw reference in ``references``
+    index    (B,)    (valid and test only) row of each raw reference in ``references``: a tuple
 
 Training batches: pairs with an empty side or more than ``max_len`` pieces on
 either side are dropped; each epoch shuffles the pairs with a generator seeded
 by ``(seed, epoch)``, sorts them by source length within windows of
 ``sort_batches`` batches (so a batch holds sentences of similar length and
-little padding) and shuffles the order of the batches. That plan is made in
+little padding) and shuffles the order of the batches. Every batch lists its
+pairs longest source first, the order packed sequences need. That plan is made in
 the training process; ``num_workers`` worker processes of a torch
 ``DataLoader`` build the padded tensors of the planned batches, in the plan's
 order, while the model trains, into pinned (page-locked) memory when a GPU is
 present, from which the engine's copy to the device does not block the host. Shared between the
 ranks of a run (:meth:`WMT16EnDe.shard`), rank r takes pairs r, r + world_size,
 ... of each batch, which splits the batch's lengths, and so its work, evenly.
-Valid and test keep every sentence, in file order, so that BLEU is computed on
-the whole test set and "the first N sentences" means the same N every time.
+Valid and test keep every sentence, batched in file order (longest source
+first within a batch, ``index`` saying where each came from), so that BLEU is
+computed on the whole test set and "the first N sentences" means the same N
+every time.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -232,21 +237,29 @@ class WMT16EnDe:
         """Detokenised text of a hypothesis (piece ids without BOS/EOS)."""
         return self.tokenizer.decode(ids)
 
-    def _batch(self, split: str, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Padded source/target tensors (with EOS, and BOS on the target) for these rows of a split."""
+    def _batch(self, split: str, rows: np.ndarray) -> dict[str, Any]:
+        """Padded source/target tensors (with EOS, and BOS on the target) for these rows of a split, longest first.
+
+        Longest source first, as packed sequences need: given in any other
+        order, ``pack_padded_sequence`` sorts on the device with a blocking copy.
+        """
         arrays = self.splits[split]
+        rows = rows[np.argsort(-np.diff(arrays["src_offsets"])[rows], kind="stable")]
 
         def sentences(side: str, prefix: list[int]) -> list[torch.Tensor]:
             ids, offsets = arrays[f"{side}_ids"], arrays[f"{side}_offsets"]
             return [torch.tensor(prefix + ids[offsets[r]:offsets[r + 1]].tolist() + [EOS]) for r in rows]
 
         src, tgt = sentences("src", []), sentences("tgt", [BOS])
-        return {
+        batch = {
             "src": pad_sequence(src, batch_first=True, padding_value=PAD),
-            "src_len": torch.tensor([len(s) for s in src]),
+            "src_len": tuple(len(s) for s in src),
             "tgt": pad_sequence(tgt, batch_first=True, padding_value=PAD),
             "tgt_len": torch.tensor([len(t) for t in tgt]),
         }
+        if split in self._reference_start:
+            batch["index"] = tuple(int(row) + self._reference_start[split] for row in rows)
+        return batch
 
     def train_batches(self, epoch: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """One epoch: shuffled by ``(seed, epoch)``, sorted by source length within windows, batches shuffled."""
@@ -267,7 +280,8 @@ class WMT16EnDe:
         for start in range(0, len(rows), window):
             chunk = rows[start:start + window]
             chunk = chunk[np.argsort(src_len[chunk], kind="stable")]
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            # each batch longest first (what _batch sorts to), before the ranks take their shares of it
+            batches += [chunk[i:i + self.batch_size][::-1] for i in range(0, len(chunk), self.batch_size)]
         # an epoch's last batch may be too small to give every rank a pair
         return [batches[b][self.rank :: self.world_size] for b in rng.permutation(len(batches))
                 if len(batches[b]) >= self.world_size]  # fmt: skip
@@ -281,14 +295,10 @@ class WMT16EnDe:
         batches, last = divmod(len(self.train_rows), self.batch_size)
         return batches + (last >= self.world_size)
 
-    def _eval_batches(self, split: str) -> list[dict[str, torch.Tensor]]:
+    def _eval_batches(self, split: str) -> list[dict[str, Any]]:
         rows = np.arange(len(self.splits[split]["src_offsets"]) - 1)
-        batches = []
-        for start in range(0, len(rows), self.eval_batch_size):
-            batch = self._batch(split, rows[start:start + self.eval_batch_size])
-            batch["index"] = torch.from_numpy(rows[start:start + self.eval_batch_size] + self._reference_start[split])
-            batches.append(batch)
-        return batches
+        return [self._batch(split, rows[start:start + self.eval_batch_size])
+                for start in range(0, len(rows), self.eval_batch_size)]  # fmt: skip
 
     def sizes(self) -> dict[str, int | str]:
         valid, test = (len(self.splits[split]["src_offsets"]) - 1 for split in ("valid", "test"))

@@ -26,7 +26,10 @@ The shape is the one of the MLPerf reference / NVIDIA DeepLearningExamples
 Padding: the bidirectional layer reads a packed sequence, so its backward
 direction starts at each sentence's own last token; later layers run over the
 padded tensor (padding only ever follows the real tokens, so it cannot leak
-into them), and the attention masks padded source positions.
+into them), and the attention masks padded source positions (``src == pad_id``).
+The lengths are read on the host (a batch's tuple of ints), so packing
+copies nothing off the device; a batch given longest first (as the data
+module gives them) is packed without sorting on the device either.
 
 Decoding (:meth:`GNMT.greedy`, :meth:`GNMT.beam_search`) never emits the
 padding or BOS token. Beam search ranks hypotheses by GNMT's length-normalised
@@ -37,14 +40,22 @@ counts EOS); GNMT's coverage penalty is not used.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from xgrad.models.rnn import LSTM
+
 #: the decoder's recurrent state: one ``(h, c)`` pair per LSTM layer, each ``[1, B, H]``
 State = list[tuple[torch.Tensor, torch.Tensor]]
+#: source lengths: ints on the host (a batch's tuple, longest first: nothing is read off the device), or a tensor
+Lengths = Sequence[int] | torch.Tensor
+#: decoding checks whether every sentence has ended once per this many tokens: each check waits for the device,
+#: and the tokens decoded past a sentence's end are padding, stripped, so the result is the same
+DONE_CHECK_EVERY = 8
 
 
 class BahdanauAttention(nn.Module):
@@ -84,17 +95,19 @@ class Encoder(nn.Module):
     def __init__(self, embedding: nn.Embedding, hidden_size: int, num_layers: int, dropout: float):
         super().__init__()
         self.embedding = embedding
-        self.bidirectional = nn.LSTM(hidden_size, hidden_size, batch_first=True, bidirectional=True)
+        self.bidirectional = LSTM(hidden_size, hidden_size, batch_first=True, bidirectional=True)
         self.layers = nn.ModuleList(
-            nn.LSTM(2 * hidden_size if i == 0 else hidden_size, hidden_size, batch_first=True)
+            LSTM(2 * hidden_size if i == 0 else hidden_size, hidden_size, batch_first=True)
             for i in range(num_layers - 1)
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, src_len: Lengths) -> torch.Tensor:
         """Encoder outputs ``[B, S, H]`` for padded tokens ``[B, S]``."""
-        packed = pack_padded_sequence(self.dropout(self.embedding(src)), src_len.cpu(),
-                                      batch_first=True, enforce_sorted=False)
+        lengths = torch.as_tensor(src_len, dtype=torch.int64, device="cpu")  # read off the device if it is there
+        longest_first = bool((lengths[:-1] >= lengths[1:]).all())  # else packing sorts, copying indices to the device
+        packed = pack_padded_sequence(self.dropout(self.embedding(src)), lengths, batch_first=True,
+                                      enforce_sorted=longest_first)  # fmt: skip
         x, _ = pad_packed_sequence(self.bidirectional(packed)[0], batch_first=True, total_length=src.size(1))
         for i, lstm in enumerate(self.layers):
             y, _ = lstm(self.dropout(x))
@@ -108,10 +121,10 @@ class Decoder(nn.Module):
     def __init__(self, embedding: nn.Embedding, vocab_size: int, hidden_size: int, num_layers: int, dropout: float):
         super().__init__()
         self.embedding = embedding
-        self.attention_lstm = nn.LSTM(hidden_size, hidden_size, batch_first=True)
+        self.attention_lstm = LSTM(hidden_size, hidden_size, batch_first=True)
         self.attention = BahdanauAttention(hidden_size, hidden_size, hidden_size)
         self.layers = nn.ModuleList(
-            nn.LSTM(2 * hidden_size, hidden_size, batch_first=True) for _ in range(num_layers - 1)
+            LSTM(2 * hidden_size, hidden_size, batch_first=True) for _ in range(num_layers - 1)
         )
         self.classifier = nn.Linear(hidden_size, vocab_size)
         self.dropout = nn.Dropout(dropout)
@@ -156,12 +169,11 @@ class GNMT(nn.Module):
             nn.init.uniform_(p, -init_range, init_range)
         self.decoder.attention.reset_normalisation()
 
-    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder outputs ``[B, S, H]`` and the source mask ``[B, S]`` (True = real token)."""
-        mask = torch.arange(src.size(1), device=src.device) < src_len.to(src.device).unsqueeze(1)
-        return self.encoder(src, src_len), mask
+    def encode(self, src: torch.Tensor, src_len: Lengths) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder outputs ``[B, S, H]`` and the source mask ``[B, S]`` (True = real token, i.e. not padding)."""
+        return self.encoder(src, src_len), src != self.pad_id
 
-    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, src_len: Lengths, tgt_in: torch.Tensor) -> torch.Tensor:
         memory, mask = self.encode(src, src_len)
         return self.decoder(tgt_in, memory, mask)[0]
 
@@ -179,25 +191,25 @@ class GNMT(nn.Module):
         return hypotheses
 
     @torch.no_grad()
-    def greedy(self, src: torch.Tensor, src_len: torch.Tensor, bos_id: int, eos_id: int,
+    def greedy(self, src: torch.Tensor, src_len: Lengths, bos_id: int, eos_id: int,
                max_len: int) -> list[list[int]]:
         """The most likely next token at every step, up to EOS or ``max_len`` tokens; ids without BOS/EOS."""
         memory, mask = self.encode(src, src_len)
         token = torch.full((src.size(0), 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
         state, output = None, []
-        for _ in range(max_len):
+        for t in range(max_len):
             logits, state = self.decoder(token, memory, mask, state)
             token = self._next_log_probs(logits[:, -1], bos_id).argmax(-1, keepdim=True)
             token = token.masked_fill(done.unsqueeze(1), self.pad_id)  # finished rows only pad
             output.append(token)
             done |= token.squeeze(1) == eos_id
-            if done.all():
+            if (t + 1) % DONE_CHECK_EVERY == 0 and done.all():
                 break
         return self._strip(torch.cat(output, dim=1), eos_id)
 
     @torch.no_grad()
-    def beam_search(self, src: torch.Tensor, src_len: torch.Tensor, bos_id: int, eos_id: int, max_len: int,
+    def beam_search(self, src: torch.Tensor, src_len: Lengths, bos_id: int, eos_id: int, max_len: int,
                     beam_size: int, alpha: float) -> tuple[list[list[int]], torch.Tensor]:
         """The best of ``beam_size`` hypotheses per sentence under ``log P / lp(alpha)``, and that score ``[B]``.
 
@@ -217,7 +229,7 @@ class GNMT(nn.Module):
         done = torch.zeros(batch, k, dtype=torch.bool, device=src.device)
         first_row = (torch.arange(batch, device=src.device) * k).unsqueeze(1)
         state, score = None, log_p
-        for _ in range(max_len):
+        for t in range(max_len):
             logits, state = self.decoder(tokens[:, -1:], memory, mask, state)
             step = self._next_log_probs(logits[:, -1], bos_id).view(batch, k, -1)
             pad_only = torch.full_like(step[0, 0], float("-inf"))
@@ -234,7 +246,7 @@ class GNMT(nn.Module):
             rows = (first_row + parent).view(-1)
             tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
             state = [(h[:, rows], c[:, rows]) for h, c in state]
-            if done.all():
+            if (t + 1) % DONE_CHECK_EVERY == 0 and done.all():  # a finished beam only pads, at no cost
                 break
         best = tokens.view(batch, k, -1)[:, 0, 1:]  # topk sorts, so beam 0 holds the best score
         return self._strip(best, eos_id), score[:, 0]

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from xgrad.models.rnn import LSTM
+
 #: the hidden state of the whole stack: one ``(h, c)`` pair per layer, each ``[1, B, H_layer]``
 Hidden = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -106,7 +108,7 @@ class AWDLSTM(nn.Module):
         self.encoder = nn.Embedding(vocab_size, emb_size)
         last = emb_size if tie_weights else hidden_size
         sizes = [emb_size] + [hidden_size] * (num_layers - 1) + [last]
-        self.rnns = nn.ModuleList(nn.LSTM(sizes[i], sizes[i + 1]) for i in range(num_layers))
+        self.rnns = nn.ModuleList(LSTM(sizes[i], sizes[i + 1]) for i in range(num_layers))
         if wdrop > 0:
             for rnn in self.rnns:
                 parametrize.register_parametrization(rnn, "weight_hh_l0", WeightDrop(wdrop))

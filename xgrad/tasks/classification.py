@@ -32,19 +32,19 @@ class Classification:
         return F.cross_entropy(model(images), labels), labels.numel()
 
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        loss_sum = top1 = top5 = 0.0
+        loss_sum = top1 = top5 = 0  # tensors on the device once added to: read once, at the end
         count, classes = 0, 0
         for images, labels in batches:
             logits = model(images).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            loss_sum = loss_sum + F.cross_entropy(logits, labels, reduction="sum").double()
             classes = logits.shape[1]
             ranked = logits.topk(min(5, classes), dim=1).indices
             hits = ranked == labels[:, None]
-            top1 += hits[:, 0].sum().item()
-            top5 += hits.any(dim=1).sum().item()
+            top1, top5 = top1 + hits[:, 0].sum(), top5 + hits.any(dim=1).sum()
             count += labels.numel()
         if count == 0:
             raise ValueError("evaluation got no batches")
+        loss_sum, top1, top5 = torch.stack([loss_sum, top1.double(), top5.double()]).tolist()  # the one read
         metrics = {"loss": loss_sum / count, "acc": 100 * top1 / count}
         if classes > 5:
             metrics["acc5"] = 100 * top5 / count

@@ -84,7 +84,7 @@ class TranslationTask:
         the batch's longest source plus 10, which no real translation exceeds.
         """
         src, src_len = batch["src"], batch["src_len"]
-        max_len = min(self.max_decode_len, 2 * int(src_len.max()) + 10)
+        max_len = min(self.max_decode_len, 2 * max(int(n) for n in src_len) + 10)
         ids = dict(bos_id=self.data.bos_id, eos_id=self.data.eos_id, max_len=max_len)
         if self.decoding == "greedy":
             return model.greedy(src, src_len, **ids)
@@ -96,13 +96,13 @@ class TranslationTask:
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Per-token loss over every batch; BLEU over the first ``max_eval_sentences`` sentences (all if null)."""
-        total, tokens = 0.0, 0
+        total = tokens = 0  # tensors on the device once added to: read once, at the end
         hypotheses, references = [], []
         for batch in batches:
             logits, targets = self._logits_and_targets(model, batch)
             total = total + F.cross_entropy(logits.float(), targets, ignore_index=self.data.pad_id, reduction="sum")
-            tokens += int((targets != self.data.pad_id).sum())
+            tokens = tokens + (targets != self.data.pad_id).sum()
             if self.max_eval_sentences is None or len(hypotheses) < self.max_eval_sentences:
                 hypotheses += [self.data.decode(ids) for ids in self.translate(model, batch)]
-                references += [self.data.references[i] for i in batch["index"].tolist()]
-        return {"loss": float(total) / tokens, "bleu": self.bleu(hypotheses, references)}
+                references += [self.data.references[int(i)] for i in batch["index"]]
+        return {"loss": float(total) / int(tokens), "bleu": self.bleu(hypotheses, references)}

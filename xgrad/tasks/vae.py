@@ -40,8 +40,9 @@ class VAETask:
 
     ``evaluate`` returns ``loss`` (= ``recon`` + ``kl``, per image), the
     metric, lower is better. It draws the reparameterisation noise from a
-    generator seeded with ``seed`` afresh at every evaluation, so the
-    validation loss of two epochs (or two runs) differs only by the weights.
+    generator on the batches' device, seeded with ``seed`` afresh at every
+    evaluation, so the validation loss of two epochs (or two runs on one kind
+    of device) differs only by the weights.
 
     Args:
         data: the run's image data module; its ``mean`` and ``std`` undo the normalisation.
@@ -62,7 +63,9 @@ class VAETask:
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images back to pixel intensities in [0, 1] (the BCE targets)."""
-        return (images.float() * self.std.to(images.device) + self.mean.to(images.device)).clamp_(0, 1)
+        if self.mean.device != images.device:  # once: a copy per step would make the host wait for the device
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() * self.std + self.mean).clamp_(0, 1)
 
     def start_epoch(self, model: nn.Module, training: bool) -> None:
         """Nothing carries over between batches."""
@@ -74,18 +77,20 @@ class VAETask:
         return (recon + kl) / len(images), len(images)
 
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        generator = torch.Generator().manual_seed(self.seed)
-        recon_sum = kl_sum = 0.0
+        generator = None  # on the batches' device, seeded afresh: the noise is drawn where it is used
+        recon_sum = kl_sum = 0  # tensors on the device once added to: read once, at the end
         count = 0
         for images, _ in batches:
-            noise = torch.randn(len(images), model.latent, generator=generator).to(images.device)
+            if generator is None:
+                generator = torch.Generator(images.device).manual_seed(self.seed)
+            noise = torch.randn(len(images), model.latent, generator=generator, device=images.device)
             logits, mu, logvar = model(images, noise)
             recon, kl = vae_loss(logits, self.pixels(images), mu, logvar)
-            recon_sum += recon.item()
-            kl_sum += kl.item()
+            recon_sum, kl_sum = recon_sum + recon.double(), kl_sum + kl.double()
             count += len(images)
         if count == 0:
             raise ValueError("evaluation got no batches")
+        recon_sum, kl_sum = torch.stack([recon_sum, kl_sum]).tolist()  # the one read
         return {"loss": (recon_sum + kl_sum) / count, "recon": recon_sum / count, "kl": kl_sum / count}
 
     def on_evaluated(self, model: nn.Module, run_dir: str, epoch: int) -> dict[str, str]:
