@@ -178,6 +178,45 @@ def test_compiled_training_with_xgrad_follows_the_eager_one():
     assert abs(baseline[-1] - compiled[-1]) > 1e-3
 
 
+def test_a_compiled_image_model_compiles_once_per_mode_whatever_the_batch_size(train_run, monkeypatch):
+    """Two epochs of 6 batches of 512 and one of 188, evaluations in batches of 200 and 100: two graphs in all
+    (training, evaluation), no graph break. Counted with dynamo's CompileCounter backend, which compiles nothing."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend=counter))
+    torch._dynamo.reset()
+    run_dir = train_run("data=mnist", "data.batch_size=512", "data.eval_batch_size=200", "trainer.epochs=2",
+                        "trainer.limit_train_batches=null", "trainer.limit_val_batches=null", "xgrad=on",
+                        "trainer.compile=true")  # fmt: skip
+    assert summary(run_dir)["status"] == "completed"
+    assert (counter.frame_count, torch._dynamo.utils.counters["graph_break"].total()) == (2, 0)
+
+
+def test_compile_runs_a_model_that_dynamo_cannot_capture_eagerly_saying_so(train_run, monkeypatch, caplog):
+    from torch._dynamo.testing import CompileCounter
+
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend=counter))
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="xgrad.builder"):
+        train_run(*TINY_PTB, "trainer.compile=true")
+    assert counter.frame_count == 0
+    assert "trainer.compile=true: model=lstm1 runs eagerly (model.compiles=false: dynamo breaks its graph" in caplog.text
+
+
+def test_dynamo_does_break_the_graph_of_the_models_that_say_so():
+    """What ``compiles: false`` in conf/model/ rests on: dynamo's own account of the recurrent models' forward."""
+    from xgrad.models.gnmt import GNMT
+    from xgrad.models.lstm_lm import AWDLSTM
+
+    calls = [(AWDLSTM(50, 8, 8, 2), (torch.randint(0, 50, (5, 3)),)),
+             (GNMT(50, 8, 2, 2), (torch.randint(4, 50, (3, 5)), (5, 4, 2), torch.randint(4, 50, (3, 4))))]  # fmt: skip
+    for model, args in calls:
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(model)(*args).graph_break_count > 0, type(model).__name__
+
+
 # ---------------------------------------------------------------- threads
 
 

@@ -15,6 +15,7 @@ refuses reaches the user as one line (:class:`xgrad.schema.ConfigError`).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from xgrad.engine import Engine, Settings
 from xgrad.loggers import RunLogger
 from xgrad.preemption import StopSignals
 from xgrad.schema import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,11 +106,12 @@ def build_run(cfg: DictConfig, device: torch.device, world: World | None = None,
                          optimizer)  # fmt: skip
     # one process trains and evaluates through one compiled module; several compile the DDP wrapper for training
     # (the all-reduce then overlaps the backward pass) and evaluate with the model itself, compiled apart
-    evaluate = torch.compile(model) if trainer.compile else model
+    compile_it = trainer.compile and compiles(cfg)
+    evaluate = performance.DynamicBatch(model) if compile_it else model
     forward = evaluate
     if world.size > 1:
         forward = world.wrap(model, device)  # rank 0's weights on every rank
-        forward = torch.compile(forward) if trainer.compile else forward
+        forward = performance.DynamicBatch(forward) if compile_it else forward
         if not world.main:  # rank 0 draws on as one process would; the others draw apart (dropout masks)
             seed_everything(distributed.rank_seed(cfg.seed, world.rank), trainer.deterministic)
     return RunParts(
@@ -179,6 +183,15 @@ def place_data(data: Any, cfg: DictConfig, device: torch.device) -> None:
     elif setting is True:
         raise ConfigError(f"data.on_device=true: data={cfg.data.name} builds its batches on the host (its module has "
                           "no `to` method); use data.on_device=auto or false")  # fmt: skip
+
+
+def compiles(cfg: DictConfig) -> bool:
+    """Whether ``torch.compile`` captures the model's forward (``model.compiles``); says so in the log when not."""
+    if OmegaConf.select(cfg, "model.compiles", default=True):
+        return True
+    log.warning("trainer.compile=true: model=%s runs eagerly (model.compiles=false: dynamo breaks its graph at every "
+                "nn.LSTM, and compiling would only add the time of trying)", cfg.model.name)  # fmt: skip
+    return False
 
 
 def uses_channels_last(cfg: DictConfig, device: torch.device) -> bool:

@@ -18,7 +18,12 @@ stay bit-identical to those the results tables were made from:
   model once, and trains and evaluates through that one compiled module
   (dynamo keeps a graph per mode); several processes compile the DDP wrapper
   for training, so that the all-reduce overlaps the backward pass, and the
-  model itself for evaluation. The predictor writes θ̂ and restores θ with
+  model itself for evaluation. The batch dimension is dynamic from the first
+  call (:class:`DynamicBatch`), so an epoch's smaller last batch and the
+  evaluation batch size reuse the graphs instead of compiling new ones. A model
+  whose config says ``compiles: false`` (the LSTMs: dynamo breaks the graph at
+  every ``nn.LSTM`` and would fall back to eager anyway) runs eagerly, with a
+  line in the log saying so. The predictor writes θ̂ and restores θ with
   in-place copies into the same parameter storage, which the compiled graphs
   read as inputs: they stay valid and are not recompiled
   (tests/test_performance.py trains a compiled and an eager model with XGrad
@@ -64,6 +69,33 @@ def precision_label(model: torch.nn.Module, precision: Any) -> str:
     if precision in ("bf16", "16") and kept:
         return f"{precision} ({', '.join(kept)} layers in float32)"
     return precision
+
+
+class DynamicBatch(torch.nn.Module):
+    """``torch.compile(module)``, called with the first dimension of every tensor argument marked dynamic.
+
+    Without it, dynamo specialises the graph on the first batch size and
+    compiles again when an epoch's last batch is smaller, and again for the
+    evaluation batch size (tens of seconds of Inductor each, on a ResNet).
+    Attributes other than the module's own (``model.latent``, ``model.greedy``)
+    are the compiled module's, i.e. the model's.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.compiled = torch.compile(module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        return self.compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.compiled, name)
 
 
 def channels_last(setting: Any, convolutional: bool, device: torch.device) -> bool:

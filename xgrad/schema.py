@@ -287,6 +287,7 @@ class Model:
     name: str = key("", TEXT)
     input: str = key("", TEXT)
     channels_last: bool = key(False, BOOLEAN)  # a convolutional network: channels-last pays on GPUs
+    compiles: bool = key(True, BOOLEAN)  # torch.compile captures its forward (false: trainer.compile runs it eagerly)
     net: dict[str, Any] = key({}, ANYTHING)
     task: dict[str, Any] = key({}, ANYTHING)
 
