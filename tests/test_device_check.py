@@ -34,3 +34,21 @@ def test_the_device_check_runs_every_step_on_the_cpu_at_toy_sizes(tmp_path):
     for report, line in (("demo.md", "| fashion_mnist | lenet | adam |"), ("lstm1.md", "| ptb | lstm1 | adam |"),
                          ("throughput.md", "| fashion_mnist | lenet |")):  # fmt: skip
         assert line in (out / report).read_text(), report
+
+
+def test_every_step_is_bounded_by_the_time_left_and_the_later_ones_skipped_saying_so(tmp_path):
+    """A 40 s budget at toy sizes: the model checks are stopped at their limit, the rest skipped, the records kept."""
+    import time
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    made = subprocess.run(["make", "-s", "device-data", f"DEVICE_DATA={data}", f"PY={sys.executable}"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert made.returncode == 0
+    started = time.monotonic()
+    check = subprocess.run(["bash", "scripts/device_check.sh", str(out), "--cpu", "--tiny", "--data", str(data),
+                            "--budget", "40"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    took, log = time.monotonic() - started, check.stdout + check.stderr
+    assert check.returncode == 1 and took < 40 + 10, log[-3000:]
+    assert "models: stopped at its " in log and "lstm1: skipped, " in log and "records: exit 0" in log, log[-3000:]
+    assert "check_models.py" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
