@@ -31,6 +31,9 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from xgrad.trained_config import register_resolver  # noqa: E402
+
+register_resolver()  # what `python -m xgrad.train` registers before Hydra composes (conf/sweep/figure.yaml uses it)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 #: What every test run starts from: the CPU, no W&B, no progress bar, one epoch

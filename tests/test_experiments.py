@@ -419,3 +419,25 @@ def test_overhead_benchmark_times_both_arms_and_lists_what_it_cannot_run(tmp_pat
     not_measured = text.split("## Not measured", 1)[1]
     assert "protocol=paper/wmt16_gnmt8" in not_measured and "wmt16_en_de" in not_measured
     assert "mnist_vae" not in not_measured
+
+
+def test_a_figures_run_directories_are_named_without_what_does_not_change_the_training():
+    """One list (xgrad/trained_config.py) decides both: the resume check ignores a key, the run folder's name leaves it
+    out, so rerunning a figure with any of them finds the same run directories."""
+    from conftest import compose_config
+    from xgrad.trained_config import RESUME_IGNORES, flatten
+
+    base = ("experiment=adam", "scale=quick", "seed=3", "xgrad=on")
+    named = compose_config(*base, return_hydra_config=True).hydra.job.override_dirname
+    # the test defaults (conftest.TEST_OVERRIDES) are overrides too: those that change the training are in the name
+    assert named == "seed=3,trainer.limit_train_batches=2,trainer.limit_val_batches=2,xgrad=on"
+    how_it_runs = ("trainer.tf32=false", "trainer.channels_last=false", "data.on_device=false",
+                   "trainer.sync_batchnorm=true", "trainer.compile=true", "trainer.epochs=7", "trainer.num_threads=1",
+                   "logger=none", "data.root=elsewhere", "model.compiles=false")  # fmt: skip
+    for override in how_it_runs:
+        assert compose_config(*base, override, return_hydra_config=True).hydra.job.override_dirname == named, override
+    cfg = compose_config(*base, return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    keys = flatten({k: v for k, v in cfg.items() if k != "hydra"})
+    assert {k for k in keys if any(k == i or k.startswith(i + ".") for i in RESUME_IGNORES)} <= excluded
+    assert compose_config(*base, "optimizer.lr=0.01", return_hydra_config=True).hydra.job.override_dirname != named

@@ -58,8 +58,10 @@ from xgrad.loggers import RunLogger, WandbRun, check_wandb_environment
 from xgrad.preemption import Interrupted, StopSignals
 from xgrad.run_dir import RunDirectory, RunDirRefused, fingerprint, record_refusal
 from xgrad.schema import ConfigError
+from xgrad.trained_config import register_resolver
 
 log = logging.getLogger(__name__)
+register_resolver()  # before Hydra composes anything: conf/sweep/figure.yaml names its run directories with it
 
 #: conf/ at the repository root, next to the package (an absolute path, so Hydra finds it
 #: whether this module runs as ``python -m xgrad.train`` or is imported and called)

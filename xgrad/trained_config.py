@@ -5,7 +5,10 @@ lets a start resume it (:mod:`xgrad.run_dir`), and the reports, before they put
 two runs in one cell (:mod:`xgrad.report.runs`). Both must ignore the same
 keys — a run resumed on another device, with more threads or a longer
 ``trainer.epochs`` trains the same thing — so the list lives here, in a module
-light enough for the reports to import without torch.
+light enough for the reports to import without torch. A third place is the
+name of a figure's run directories (conf/sweep/figure.yaml): it leaves out the
+same keys, through the ``xgrad_not_trained`` resolver (:func:`not_trained_keys`),
+so that rerunning a figure with ``trainer.tf32=false`` finds the same runs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ RESUME_IGNORES = (
     "trainer.tf32",
     "trainer.compile",
     "model.channels_last",
+    "model.compiles",
     "data.on_device",
     "data.module.num_workers",
     "logger",
@@ -37,6 +41,24 @@ RESUME_IGNORES = (
 def is_ignored(key: str) -> bool:
     """Whether a dotted key is (under) one of :data:`RESUME_IGNORES`."""
     return any(key == i or key.startswith(i + ".") for i in RESUME_IGNORES)
+
+
+def not_trained_keys(root: Any, also: Any = ()) -> list[str]:
+    """Every dotted key of the config ``root`` (a DictConfig; ``hydra`` left out) under :data:`RESUME_IGNORES`,
+    each ignored prefix itself, and the keys ``also`` names: what a run directory's name leaves out."""
+    from omegaconf import OmegaConf
+
+    keys = flatten({k: v for k, v in OmegaConf.to_container(root, resolve=False).items() if k != "hydra"})
+    parents = {".".join(k.split(".")[:i]) for k in keys for i in range(1, k.count(".") + 1)}
+    return [*also, *RESUME_IGNORES, *sorted(k for k in keys.keys() | parents if is_ignored(k) and k not in RESUME_IGNORES)]
+
+
+def register_resolver() -> None:
+    """``${xgrad_not_trained:[extra, keys]}`` in a config: :func:`not_trained_keys` of the whole config."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("xgrad_not_trained"):
+        OmegaConf.register_new_resolver("xgrad_not_trained", lambda also=(), *, _root_: not_trained_keys(_root_, also))
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
