@@ -1,4 +1,4 @@
-"""The suite's own training loop, written out by hand from DESIGN.md: what each framework callback must reproduce.
+"""The suite's own training loop, written out by hand from docs/design.md: what each framework callback must reproduce.
 
 For every optimizer step over a window of k micro-batches::
 

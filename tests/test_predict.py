@@ -1,4 +1,4 @@
-"""WeightPredictor against independent float64 computations of PAPER.md's rules, and its mechanics.
+"""WeightPredictor against independent float64 computations of docs/method.md's rules, and its mechanics.
 
 Whether each rule points where its optimizer really goes is tested against the
 optimizers themselves in tests/test_rules.py; here the arithmetic, the

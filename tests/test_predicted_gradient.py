@@ -1,9 +1,9 @@
-"""The training engine hands the optimizer the gradient taken at the predicted weights θ̂ (PAPER.md, Algorithm 1).
+"""The training engine hands the optimizer the gradient taken at the predicted weights θ̂ (docs/method.md).
 
 A real run (the composed config: LeNet-5 on Fashion-MNIST, ``xgrad=on``)
 records every batch and, at every ``optimizer.step()``, the gradient the
 optimizer receives. A hand-written loop then starts from the same initial
-weights and, for each batch, writes θ̂ = θ − s·γ·Δ̂ with PAPER.md's formula
+weights and, for each batch, writes θ̂ = θ − s·γ·Δ̂ with docs/method.md's formula
 computed here from its own optimizer's state (WeightPredictor is not used),
 takes the gradient there and compares. It also takes the gradient at θ itself,
 which the received one must differ from — so a predictor that does nothing,
@@ -86,7 +86,7 @@ def test_the_optimizer_receives_the_gradient_at_the_predicted_weights(train_run,
     lr = opt.param_groups[0]["lr"]
     for index, (batch, gradient_received) in enumerate(zip(batches, received, strict=True)):
         theta = [p.detach().clone() for p in params]
-        if opt.state:  # θ̂ = θ − s·γ·Δ̂, from PAPER.md's rule
+        if opt.state:  # θ̂ = θ − s·γ·Δ̂, from docs/method.md's rule
             with torch.no_grad():
                 for p in params:
                     p.copy_(p.double() - STEPS * lr * delta(opt, p))

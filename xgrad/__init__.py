@@ -1,4 +1,4 @@
-"""XGrad: weight prediction for gradient-based optimizers (see README and PAPER.md)."""
+"""XGrad: weight prediction for gradient-based optimizers (see README.md and docs/)."""
 
 from xgrad import rules
 from xgrad.predict import WeightPredictor

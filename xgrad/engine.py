@@ -13,7 +13,7 @@ batches (``xgrad/data/base.py``). One optimizer step is::
     optimizer.zero_grad(set_to_none=True)
 
 so the gradient is taken at the predicted weights and the update is applied
-to the real ones (PAPER.md, Algorithm 1). The scaler is only enabled for
+to the real ones (the paper's Algorithm 1: docs/method.md). The scaler is only enabled for
 ``precision=16``; otherwise its calls pass straight through.
 
 A step reads no value off the device (:meth:`Engine.train_step`), so on a GPU

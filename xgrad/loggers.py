@@ -1,6 +1,6 @@
 """What a run reports: local files always, Weights & Biases when it is on.
 
-Local files in the run directory (DESIGN.md, "What a run leaves behind"):
+Local files in the run directory (docs/design.md, "What a run leaves behind"):
 
 - ``metrics.jsonl``: one JSON object per finished epoch (``epoch``, ``step``,
   ``lr``, ``train/loss``, ``val/<metric>`` ..., ``test/<metric>`` ..., and

@@ -2,7 +2,7 @@
 
 The tables are the product of this suite: a researcher reads them to learn
 whether XGrad beats the base optimizer. So a verdict is a statistic, not the
-sign of a difference of means (DESIGN.md, "Engineering conventions"), and all
+sign of a difference of means (docs/design.md), and all
 of it lives here, once, for every caller (``scripts/make_tables.py``,
 ``scripts/plot_curves.py``, the end-of-sweep callback
 ``xgrad.callbacks.SweepReports``, ``scripts/bench_overhead.py``):
