@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -46,6 +47,14 @@ TEST_OVERRIDES = (
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=2",
 )
+
+
+@pytest.fixture(autouse=True)
+def xgrad_log_level_kept():
+    """A test that starts a rank other than 0 in this process quiets the ``xgrad`` logger: later tests get it back."""
+    level = logging.getLogger("xgrad").level
+    yield
+    logging.getLogger("xgrad").setLevel(level)
 
 
 def compose_config(*overrides: str, return_hydra_config: bool = False) -> DictConfig:

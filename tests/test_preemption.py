@@ -212,6 +212,7 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers_each_checkpointing_and_th
             deadline = time.monotonic() + 120
             while not all((sweep / str(job) / "train.log").is_file()
                           and (sweep / str(job) / "train.log").read_text() != logs[job]
+                          and (sweep / str(job) / "summary.json").is_file()  # logged before its summary is written
                           and summary(sweep / str(job))["status"] == "running" for job in (0, 1)):  # fmt: skip
                 assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
                 time.sleep(0.05)
