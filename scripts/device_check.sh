@@ -23,7 +23,8 @@
 #   6. with the time left, LSTM-1 on PTB at the paper's protocol, baseline vs XGrad, as many epochs as fit
 #      (at toy sizes: two)
 #                                                                       → OUT/lstm1.md
-#   7. the runs' records (metrics.jsonl, summary.json, config)          → OUT/runs.tar.gz
+#   7. the runs' records (metrics.jsonl, summary.json, config) and the
+#      pages' raw data (runs.csv, curves.csv, page.json)               → OUT/runs.tar.gz
 # and everything printed → OUT/check.log: seven files in OUT, no more.
 set -uo pipefail
 
@@ -151,7 +152,7 @@ EOF
 demo() {
   "$PY" -m xgrad.train -m xgrad=off,on seed=0,1,2 "${QUIET[@]}" "${DEMO_ARGS[@]}" hydra.sweep.dir="$SCRATCH/demo" \
     && "$PY" scripts/make_tables.py "$SCRATCH/demo" --title "Demo: LeNet-5 on Fashion-MNIST, Adam vs Adam+XGrad ($DEVICE)" \
-         --out "$OUT/demo.md"
+         --out "$SCRATCH/pages/demo.md" && cp "$SCRATCH/pages/demo.md" "$OUT/"
 }
 
 lstm1() {  # one epoch of each arm, then as many more as the time left holds (a run extends from its checkpoint)
@@ -173,11 +174,11 @@ lstm1() {  # one epoch of each arm, then as many more as the time left holds (a 
     "${train[@]}" trainer.epochs=$epochs || return 1
   fi
   "$PY" scripts/make_tables.py "$sweep" --title "LSTM-1 on PTB (paper protocol, Adam), baseline vs XGrad: $epochs of 200 epochs ($DEVICE)" \
-    --out "$OUT/lstm1.md"
+    --out "$SCRATCH/pages/lstm1.md" && cp "$SCRATCH/pages/lstm1.md" "$OUT/"
 }
 
 records() {
-  (cd "$SCRATCH" && { find demo lstm1 \( -name metrics.jsonl -o -name summary.json -o -name config.yaml \) -print0 \
+  (cd "$SCRATCH" && { find demo lstm1 pages/demo pages/lstm1 \( -name '*.csv' -o -name page.json -o -name metrics.jsonl -o -name summary.json -o -name config.yaml \) -print0 \
      2>/dev/null || true; } | tar -czf "$OUT/runs.tar.gz" --null -T -)
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +35,8 @@ def test_the_device_check_runs_every_step_on_the_cpu_at_toy_sizes(tmp_path):
     for report, line in (("demo.md", "| fashion_mnist | lenet | adam |"), ("lstm1.md", "| ptb | lstm1 | adam |"),
                          ("throughput.md", "| fashion_mnist | lenet |")):  # fmt: skip
         assert line in (out / report).read_text(), report
+    with tarfile.open(out / "runs.tar.gz") as records:  # each page's raw data travels in the records
+        assert {"pages/demo/runs.csv", "pages/lstm1/curves.csv"} <= set(records.getnames())
 
 
 def test_every_step_is_bounded_by_the_time_left_and_the_later_ones_skipped_saying_so(tmp_path):

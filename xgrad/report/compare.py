@@ -29,7 +29,7 @@ import numpy as np
 from xgrad.report.runs import Cell, Run
 from xgrad.report.stats import (
     ALPHA, BETTER, MIN_CELLS_FOR_SIGNIFICANCE, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, WORSE, AcrossCells, Paired,
-    across_cells, bh_adjust, curve_mean, direction_sign, epochs_to_reach, paired_difference,
+    across_cells, bh_adjust, curve_mean, direction_sign, epochs_to_reach, margin_for, paired_difference,
 )  # fmt: skip
 
 #: what a comparison's verdict rests on
@@ -124,7 +124,7 @@ def compare_arm(cell: Cell, steps: int | None, xgrad: Sequence[Run]) -> Comparis
         steps=steps,
         pairs=pairs,
         basis=basis,
-        result=paired_difference(base, ours, cell.mode),
+        result=paired_difference(base, ours, cell.mode, margin_for(cell.metric, float(np.mean(base)) if base else None)),
         convergence=convergence(pairs, cell.mode),
         auc=paired_difference(*areas, cell.mode) if areas[0] else None,
         values=(base, ours),

@@ -1,6 +1,6 @@
 """Run directories (or W&B runs) → :class:`Run` records grouped into :class:`Cell` s.
 
-A sweep leaves one Hydra run directory per job (DESIGN.md, "What a run leaves
+A sweep leaves one Hydra run directory per job (docs/design.md, "What a run leaves
 behind"): ``summary.json`` says what was run and how it ended, ``metrics.jsonl``
 holds one line per epoch. This module finds those directories under any set of
 paths (single runs, Hydra multirun folders, whole ``outputs/`` trees), turns
@@ -91,6 +91,8 @@ class Run:
     test: float | None = None
     test_best: float | None = None
     epochs: int | None = None
+    #: optimizer steps trained (the last epoch line's ``step`` in metrics.jsonl); None where nothing recorded them
+    optimizer_steps: int | None = None
     wall_time_s: float | None = None
     experiment: str | None = None
     scale: str | None = None
@@ -147,7 +149,7 @@ class Cell:
 
     ``baseline`` holds the runs without prediction. A sweep over ``s`` alone
     (``xgrad=on xgrad.steps=0,1,2``) has no such runs; then the ``s = 0`` runs,
-    which are exactly the base optimizer (PAPER.md), serve as the baseline.
+    which are exactly the base optimizer (docs/method.md), serve as the baseline.
     """
 
     data: str
@@ -249,6 +251,7 @@ def _read_run(path: Path) -> Run:
     run.config = _trained_config(path)
     run.overrides = _recorded_overrides(path / ".hydra" / "overrides.yaml")
     lines = _read_metrics(path / "metrics.jsonl")
+    run.optimizer_steps = _integer(lines[-1].get("step")) if lines else None
     if run.metric:
         run.curve = _series(lines, f"val/{run.metric}")
         run.test_curve = _series(lines, f"test/{run.metric}")

@@ -1,15 +1,16 @@
 """The statistics behind every verdict, on plain numbers (no runs, no tables).
 
-A table used to call XGrad "better" when its mean over three seeds was higher:
-with run-to-run noise that is a coin toss. A verdict here is a statistic
-(DESIGN.md, "Engineering conventions"):
+A verdict is a statistic, never a comparison of two means:
 
 - per comparison, the paired differences XGrad − baseline (one per seed: the
   two runs of a pair share the seed), their mean and 95% t interval
   (``scipy.stats.ttest_rel``); ``better``/``worse`` only when the interval
-  excludes 0, in the metric's own direction; ``no clear difference`` when it
-  contains 0; ``too few seeds`` below :data:`MIN_PAIRS` pairs, where no
-  interval is computed (:func:`paired_difference`);
+  excludes 0, in the metric's own direction; ``equivalent`` when the 90%
+  interval lies inside the metric's margin declared beforehand
+  (:data:`MARGINS`; two one-sided tests at α = 0.05); ``no clear difference``
+  otherwise; ``too few seeds`` below :data:`MIN_PAIRS` pairs, where no
+  interval is computed (:func:`paired_difference`); with each, the minimum
+  detectable effect at 80% power (:func:`minimum_detectable_effect`);
 - across a figure's cells, a Wilcoxon signed-rank test on the cells' mean
   differences as a fraction of the baseline (:func:`across_cells`), and the
   per-comparison p-values adjusted for their number (Benjamini–Hochberg,
@@ -31,9 +32,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-BETTER, WORSE, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS = "better", "worse", "no clear difference", "too few seeds"
+BETTER, WORSE, EQUIVALENT = "better", "worse", "equivalent"
+NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS = "no clear difference", "too few seeds"
 #: the only words a verdict column may hold
-VERDICTS = (BETTER, WORSE, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS)
+VERDICTS = (BETTER, WORSE, EQUIVALENT, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS)
+#: the equivalence margin of each metric, declared before any run: (size, "points" | "relative"); "relative" is a
+#: fraction of the baseline's mean. Accuracy (and BLEU) ±0.5 points, perplexity and loss ±1%.
+MARGINS = {"acc": (0.5, "points"), "acc5": (0.5, "points"), "bleu": (0.5, "points"), "ppl": (0.01, "relative"),
+           "loss": (0.01, "relative")}  # fmt: skip
+#: the power at which a row's minimum detectable effect is computed
+POWER = 0.8
+#: differences whose spread is below this fraction of the values are equal but for rounding: a degenerate row
+DEGENERATE = 1e-9
 #: fewer complete pairs than this: no interval, verdict ``too few seeds``
 MIN_PAIRS = 3
 #: coverage of every interval, and 1 − the level of every test
@@ -48,7 +58,11 @@ class Paired:
     """XGrad − baseline over seed pairs: ``n`` pairs, the mean difference, its interval and the verdict.
 
     ``low``/``high``/``p`` are None below :data:`MIN_PAIRS` pairs; ``mean`` is
-    None without any pair.
+    None without any pair. ``low90``/``high90``: the 90% interval that the
+    equivalence test (TOST at α = 0.05) compares with ``±margin``; ``mde``: the
+    smallest true difference the paired t-test detects with 80% power at these
+    seeds' spread; ``degenerate``: every pair differs by the same amount, so
+    the spread is zero and no t statistic exists (never better/worse/equivalent).
     """
 
     n: int
@@ -57,6 +71,41 @@ class Paired:
     high: float | None
     p: float | None
     verdict: str
+    low90: float | None = None
+    high90: float | None = None
+    margin: float | None = None
+    mde: float | None = None
+    degenerate: bool = False
+
+
+def margin_for(metric: str | None, baseline_mean: float | None, margins: dict | None = None) -> float | None:
+    """The equivalence margin of ``metric`` in its own units (:data:`MARGINS`, or ``margins`` given); None: none declared."""
+    size, kind = (margins or MARGINS).get(metric or "", (None, None))
+    if size is None:
+        return None
+    if kind == "relative":
+        return None if baseline_mean is None else abs(size * baseline_mean)
+    return float(size)
+
+
+def minimum_detectable_effect(sd: float, n: int, power: float = POWER) -> float | None:
+    """The true mean difference a two-sided paired t-test at α = 0.05 detects with ``power``, for ``n`` pairs of
+    differences with standard deviation ``sd`` (the noncentral t, ``scipy.stats.nct``); None below two pairs."""
+    if n < 2 or not sd > 0:
+        return None
+    df, critical = n - 1, stats.t.ppf(1 - ALPHA / 2, n - 1)
+
+    def shortfall(effect: float) -> float:
+        shift = effect * math.sqrt(n) / sd
+        upper, lower = stats.nct.sf(critical, df, shift), stats.nct.cdf(-critical, df, shift)
+        # far from 0, scipy's noncentral t may give NaN for a tail that is 0 or 1 to double precision
+        return np.nan_to_num(upper, nan=1.0) + np.nan_to_num(lower, nan=0.0) - power
+
+    from scipy.optimize import brentq
+
+    # the normal-theory estimate (t quantiles for z) bounds the search from above twice over
+    rough = (critical + stats.t.ppf(power, df)) * sd / math.sqrt(n)
+    return float(brentq(shortfall, 1e-9 * rough, 2 * rough))
 
 
 def direction_sign(mode: str) -> int:
@@ -68,13 +117,17 @@ def direction_sign(mode: str) -> int:
     raise ValueError(f"metric direction must be 'max' or 'min', got {mode!r}")
 
 
-def paired_difference(baseline: Sequence[float], xgrad: Sequence[float], mode: str) -> Paired:
+def paired_difference(baseline: Sequence[float], xgrad: Sequence[float], mode: str,
+                      margin: float | None = None) -> Paired:  # fmt: skip
     """Compare ``xgrad[i]`` with ``baseline[i]`` (the runs of seed ``i``) under ``mode``.
 
     The interval is the 95% t interval of the mean of the paired differences
     (``ttest_rel(xgrad, baseline).confidence_interval()``), and ``p`` the paired
-    t-test's two-sided p-value: the interval excludes 0 exactly when p < 0.05.
-    Differences that are all zero give the interval [0, 0] and p = 1.
+    t-test's two-sided p-value: the interval excludes 0 exactly when p < 0.05
+    (``better``/``worse``). Otherwise, with a ``margin``, two one-sided tests
+    at α = 0.05 — the 90% interval inside ``±margin`` — give ``equivalent``.
+    Differences all equal (zero spread) are ``degenerate``: ``no clear
+    difference``, with no p-value (all zero: the interval [0, 0]).
     """
     sign = direction_sign(mode)
     base, ours = np.asarray(baseline, dtype=float), np.asarray(xgrad, dtype=float)
@@ -87,18 +140,21 @@ def paired_difference(baseline: Sequence[float], xgrad: Sequence[float], mode: s
     mean = float(differences.mean())
     if n < MIN_PAIRS:
         return Paired(n, mean, None, None, None, TOO_FEW_SEEDS)
-    if not differences.any():  # t is 0/0: nothing differs
-        return Paired(n, 0.0, 0.0, 0.0, 1.0, NO_CLEAR_DIFFERENCE)
-    with warnings.catch_warnings():  # identical non-zero differences: t is infinite, scipy says so; the result is right
-        warnings.simplefilter("ignore", RuntimeWarning)
-        result = stats.ttest_rel(ours, base)
-        interval = result.confidence_interval(CONFIDENCE)
+    if np.ptp(differences) <= DEGENERATE * max(np.abs(base).max(), np.abs(ours).max()):  # no spread: no t exists
+        at = float(differences[0])
+        return Paired(n, mean, at, at, None, NO_CLEAR_DIFFERENCE, at, at, margin, None, degenerate=True)
+    result = stats.ttest_rel(ours, base)
+    interval, interval90 = result.confidence_interval(CONFIDENCE), result.confidence_interval(1 - 2 * ALPHA)
     low, high, p = float(interval.low), float(interval.high), float(result.pvalue)
+    low90, high90 = float(interval90.low), float(interval90.high)
     if low > 0 or high < 0:
         verdict = BETTER if sign * mean > 0 else WORSE
+    elif margin is not None and -margin <= low90 and high90 <= margin:
+        verdict = EQUIVALENT
     else:
         verdict = NO_CLEAR_DIFFERENCE
-    return Paired(n, mean, low, high, p, verdict)
+    mde = minimum_detectable_effect(float(differences.std(ddof=1)), n)
+    return Paired(n, mean, low, high, p, verdict, low90, high90, margin, mde)
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float, float] | None:

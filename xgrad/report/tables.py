@@ -23,21 +23,27 @@ import pandas as pd
 
 from xgrad.report.compare import BASIS_TEST, BASIS_VAL, Comparison, GroupSummary, compare, summarise
 from xgrad.report.runs import Cell, Run, group_cells, problems, unpaired_seeds
-from xgrad.report.stats import ALPHA, BETTER, MIN_PAIRS, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, WORSE, Paired
+from xgrad.report.stats import (
+    ALPHA, BETTER, EQUIVALENT, MARGINS, MIN_PAIRS, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, WORSE, Paired,
+)
 
-#: the comparison table's columns, in order
+#: the comparison table's columns, in order: what a reader needs to read a verdict (at most 10)
 COLUMNS = [
+    "data", "model", "optimizer", "s", "pairs", "baseline", "XGrad", "Δ XGrad − baseline [95% CI]", "verdict",
+]  # fmt: skip
+#: the details table's columns: one row per comparison, in the same order, keyed by the same cell and s
+DETAIL_COLUMNS = [
     "data", "model", "optimizer", "s", "metric", "direction", "data variant (train / val / test)", "basis",
-    "pairs", "baseline", "XGrad", "Δ XGrad − baseline [95% CI]", "verdict", "p (paired t)", "p (BH)",
+    "p (paired t)", "p (BH)", "Δ [90% CI] vs equivalence margin", "minimum detectable Δ (80% power)",
     "best test over epochs (paper's habit, not a verdict basis): base / XGrad",
     "epochs to baseline's best val: base vs XGrad", "Δ epochs [95% CI]",
     "val AUC (mean over epochs): base / XGrad", "Δ val AUC [95% CI]", "AUC verdict",
-    "epochs", "wall time s (base / XGrad)", "scale", "hardware",
+    "epochs", "optimizer steps", "wall time s (base / XGrad)", "scale", "hardware",
 ]  # fmt: skip
 
 #: the per-optimizer summary table's columns
 SUMMARY_COLUMNS = [
-    "optimizer", "comparisons", "better", "worse", "no clear difference", "too few seeds",
+    "optimizer", "comparisons", "better", "worse", "equivalent", "no clear difference", "too few seeds",
     "Wilcoxon p (across cells)", "BH-significant (better / worse)", "verdict",
 ]  # fmt: skip
 
@@ -75,6 +81,12 @@ def render(runs: list[Run], title: str, notes: Iterable[str] = ()) -> str:
         *header(rows),
         "",
         markdown_table(comparison_frame(rows)),
+        "",
+        "## Details",
+        "",
+        "The same comparisons, row for row: the tests behind each verdict, and how the runs were made.",
+        "",
+        markdown_table(details_frame(rows)),
         "",
         "## Summary",
         "",
@@ -117,7 +129,11 @@ def header(rows: Sequence[Comparison]) -> list[str]:
         " baseline and XGrad are mean ± sample std over those pairs.",
         f"**Interval**: Δ is XGrad − baseline per pair, averaged; [low, high] is its {100 * (1 - ALPHA):.0f}% t"
         " interval (scipy.stats.ttest_rel). **Verdict**: `better` or `worse` (in the metric's direction) only when the interval"
-        f" excludes 0; `no clear difference` when it contains 0; `too few seeds` below {MIN_PAIRS} pairs (no interval)."
+        " excludes 0; `equivalent` when its 90% interval lies inside the metric's equivalence margin, declared before"
+        f" the runs ({_margins()}; two one-sided tests at α = 0.05); `no clear difference` otherwise; `too few seeds`"
+        f" below {MIN_PAIRS} pairs (no interval). The details give each row's 90% interval against its margin and the"
+        " smallest difference the paired t-test would detect with 80% power at its seeds' spread; a row whose pairs"
+        " all differ by the same amount is degenerate (no test) and says so."
         f" p (BH): the paired-t p-values adjusted for the {sum(row.result.p is not None for row in rows)} row(s) with"
         " one (Benjamini–Hochberg).",
         "**Convergence**: epochs (counted from 1) for the baseline to reach its own best validation value vs for XGrad"
@@ -128,6 +144,12 @@ def header(rows: Sequence[Comparison]) -> list[str]:
     ]
     lines += [f"**Schedule**: {line}" for line in schedule_lines(rows)]
     return [f"- {line}" for line in lines]
+
+
+def _margins() -> str:
+    shown = [f"{metric} ±{size:g} points" if kind == "points" else f"{metric} ±{100 * size:g}% of the baseline's mean"
+             for metric, (size, kind) in MARGINS.items()]  # fmt: skip
+    return ", ".join(shown)
 
 
 def schedule_lines(rows: Sequence[Comparison]) -> list[str]:
@@ -150,7 +172,9 @@ def schedule_lines(rows: Sequence[Comparison]) -> list[str]:
 
 
 def _first(epochs: int, paper: int) -> str:
-    return f"the first {epochs} epochs of a schedule whose paper length is {paper} epochs"
+    return (f"the first {epochs} epochs of a schedule whose paper length is {paper} epochs (the optimizer steps they"
+            " trained are in the details table: a limit on the batches per epoch makes an epoch shorter than the"
+            " data's)")  # fmt: skip
 
 
 def comparison_frame(rows: Sequence[Comparison]) -> pd.DataFrame:
@@ -158,23 +182,44 @@ def comparison_frame(rows: Sequence[Comparison]) -> pd.DataFrame:
     return pd.DataFrame([_row(row) for row in rows], columns=COLUMNS)
 
 
+def details_frame(rows: Sequence[Comparison]) -> pd.DataFrame:
+    """The details of each comparison, in the comparison table's order."""
+    return pd.DataFrame([_details(row) for row in rows], columns=DETAIL_COLUMNS)
+
+
 def _row(row: Comparison) -> list[str]:
+    cell, result = row.cell, row.result
+    base, ours = row.values
+    return [
+        cell.data, cell.model, cell.optimizer_setting, "—" if row.steps is None else str(row.steps),
+        str(result.n), mean_std(base), mean_std(ours), interval(result), result.verdict,
+    ]  # fmt: skip
+
+
+def _equivalence(result: Paired) -> str:
+    if result.degenerate:
+        return "degenerate: every pair differs by the same amount (no spread, no test)"
+    if result.low90 is None:
+        return "—"
+    shown = f"{result.mean:+.4g} [{result.low90:+.4g}, {result.high90:+.4g}]"
+    return shown + (f" vs ±{result.margin:.4g}" if result.margin is not None else " (no margin declared)")
+
+
+def _details(row: Comparison) -> list[str]:
     cell, result = row.cell, row.result
     base_runs = [b for b, _ in row.pairs] or cell.baseline
     xgrad_runs = [x for _, x in row.pairs]
     everyone = base_runs + xgrad_runs
-    base, ours = row.values
     return [
         cell.data, cell.model, cell.optimizer_setting, "—" if row.steps is None else str(row.steps),
         cell.metric, cell.direction, data_variant(everyone), row.basis if row.pairs else "—",
-        str(result.n), mean_std(base), mean_std(ours), interval(result), result.verdict,
-        number(result.p, ".2g"), number(row.p_adjusted, ".2g"),
+        number(result.p, ".2g"), number(row.p_adjusted, ".2g"), _equivalence(result), number(result.mde, ".3g"),
         f"{mean_std([r.test_best for r in base_runs])} / {mean_std([r.test_best for r in xgrad_runs])}"
         if any(r.test_best is not None for r in everyone) else "—",
         _convergence(row), _epochs_difference(row),
         f"{mean_std(row.auc_values[0])} / {mean_std(row.auc_values[1])}" if row.auc else "—",
         interval(row.auc) if row.auc else "—", row.auc.verdict if row.auc else "—",
-        distinct(run.epochs for run in everyone),
+        distinct(run.epochs for run in everyone), distinct(run.optimizer_steps for run in everyone),
         f"{_mean(r.wall_time_s for r in base_runs)} / {_mean(r.wall_time_s for r in xgrad_runs)}",
         distinct(run.scale for run in everyone), distinct(run.where for run in everyone),
     ]  # fmt: skip
@@ -206,7 +251,7 @@ def summary_frame(summaries: Sequence[GroupSummary]) -> pd.DataFrame:
         test = group.test
         records.append([
             group.label, str(group.compared), str(group.count(BETTER)), str(group.count(WORSE)),
-            str(group.count(NO_CLEAR_DIFFERENCE)), str(group.count(TOO_FEW_SEEDS)),
+            str(group.count(EQUIVALENT)), str(group.count(NO_CLEAR_DIFFERENCE)), str(group.count(TOO_FEW_SEEDS)),
             "—" if test is None else f"{test.p:.3g} ({test.n} cells)",
             f"{group.significant(BETTER)} / {group.significant(WORSE)}", group.verdict,
         ])  # fmt: skip
@@ -251,6 +296,9 @@ def data_variant(runs: Sequence[Run]) -> str:
                     "—" if sizes.get(split) is None else f"{sizes[split]:,}" for split in ("train", "val", "test")
                 )
                 text += f" ({counts}{' ' + sizes['unit'] if sizes.get('unit') else ''})"
+            limit, batch = run.config.get("trainer.limit_val_batches"), run.config.get("data.eval_batch_size")
+            if limit is not None:  # the engine evaluates at most this many batches of each split
+                text += f", evaluated on at most {limit} batch(es) of {batch if batch is not None else '?'} per split"
         if text not in shown:
             shown.append(text)
     return "; ".join(shown) if shown else "—"
