@@ -923,3 +923,20 @@ def test_a_page_says_equivalent_where_the_interval_sits_inside_the_margin(tmp_pa
     [row] = table_rows(text)
     assert row["verdict"] == "equivalent" and row["Δ [90% CI] vs equivalence margin"].endswith("vs ±0.5")
     assert summary_rows(text)[0]["equivalent"] == "1"
+
+
+@pytest.mark.parametrize(("data", "overrides", "unit", "per_batch"), [
+    ("fashion_mnist", ("data.eval_batch_size=7",), "images", 7),
+    ("mnist", ("model=vae", "data.eval_batch_size=7"), "images", 7),
+    ("ptb", ("model=lstm1", "data.eval_batch_size=3", "data.bptt=5"), "tokens", 3 * 5),
+])  # fmt: skip
+def test_the_pages_say_how_much_was_evaluated_not_the_splits_sizes(train_run, data, overrides, unit, per_batch):
+    """Two evaluation batches of each split: the run and its page count exactly those units (images, tokens)."""
+    from xgrad.report import load_runs, raw
+    from xgrad.report.tables import data_variant
+
+    [run] = load_runs([train_run(f"data={data}", "trainer.limit_val_batches=2", *overrides)])
+    assert run.evaluated == {"val": 2 * per_batch, "test": 2 * per_batch}
+    assert f"evaluated on {2 * per_batch:,} / {2 * per_batch:,} (val / test) {unit}" in data_variant([run])
+    [row] = raw.frames([run])[0].to_dict("records")
+    assert (row["val_size"], row["test_size"], row["size_unit"]) == (2 * per_batch, 2 * per_batch, unit)

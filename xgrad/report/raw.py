@@ -35,7 +35,7 @@ KEY_COLUMNS = ["data", "model", "optimizer", "s", "seed", "arm", "metric", "dire
 DETAIL_COLUMNS = ["selected_epoch", "epochs", "optimizer_steps", "lr", "val_size", "test_size", "size_unit",
                   "wall_time_s", "hardware", "precision", "status", "reason"]  # fmt: skip
 #: Run fields whose values runs.csv holds as JSON (containers)
-_JSON_FIELDS = ("data_sizes", "config", "overrides")
+_JSON_FIELDS = ("data_sizes", "evaluated", "config", "overrides")
 #: Run fields that live in curves.csv instead
 _CURVE_FIELDS = ("curve", "test_curve")
 
@@ -47,7 +47,7 @@ def frames(runs: list[Run], relative_to: Path | None = None):
     rows, curve_rows = [], []
     for run in runs:
         path = _shown(run.path, relative_to)
-        sizes = run.data_sizes or {}
+        sizes = {**(run.data_sizes or {}), **(run.evaluated or {})}  # what was evaluated, else the splits' sizes
         key = {
             "data": run.data, "model": run.model, "optimizer": run.optimizer, "s": run.steps if run.xgrad else 0,
             "seed": run.seed, "arm": "xgrad" if run.xgrad else "baseline", "metric": run.metric,

@@ -93,6 +93,9 @@ class Run:
     epochs: int | None = None
     #: optimizer steps trained (the last epoch line's ``step`` in metrics.jsonl); None where nothing recorded them
     optimizer_steps: int | None = None
+    #: the evaluation sizes actually used, in the data's unit: {"val": n, "test": n} from the last epoch line's
+    #: val/size and test/size in metrics.jsonl; None where nothing recorded them
+    evaluated: dict | None = None
     wall_time_s: float | None = None
     experiment: str | None = None
     scale: str | None = None
@@ -252,6 +255,8 @@ def _read_run(path: Path) -> Run:
     run.overrides = _recorded_overrides(path / ".hydra" / "overrides.yaml")
     lines = _read_metrics(path / "metrics.jsonl")
     run.optimizer_steps = _integer(lines[-1].get("step")) if lines else None
+    sizes = {split: _integer(lines[-1].get(f"{split}/size")) for split in ("val", "test")} if lines else {}
+    run.evaluated = {split: n for split, n in sizes.items() if n is not None} or None
     if run.metric:
         run.curve = _series(lines, f"val/{run.metric}")
         run.test_curve = _series(lines, f"test/{run.metric}")

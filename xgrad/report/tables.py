@@ -297,7 +297,11 @@ def data_variant(runs: Sequence[Run]) -> str:
                 )
                 text += f" ({counts}{' ' + sizes['unit'] if sizes.get('unit') else ''})"
             limit, batch = run.config.get("trainer.limit_val_batches"), run.config.get("data.eval_batch_size")
-            if limit is not None:  # the engine evaluates at most this many batches of each split
+            unit = sizes.get("unit") or "units"
+            if run.evaluated:  # what the engine counted
+                counts = " / ".join(f"{run.evaluated[s]:,}" if s in run.evaluated else "—" for s in ("val", "test"))
+                text += f", evaluated on {counts} (val / test) {unit}"
+            elif limit is not None:  # the engine evaluates at most this many batches of each split
                 text += f", evaluated on at most {limit} batch(es) of {batch if batch is not None else '?'} per split"
         if text not in shown:
             shown.append(text)

@@ -42,7 +42,9 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
         """Metrics over a whole pass, keys without the ``val/`` prefix.
 
-        Must contain ``self.metric``; the model is already in eval mode under
+        Must contain ``self.metric``, and ``size``: how many of the data's units
+        (``sizes()["unit"]``: images, tokens, sentence pairs) the pass covered,
+        which the reports show as the evaluation size actually used. The model is already in eval mode under
         ``torch.no_grad()`` and the batches are already on the model's device.
         """
 

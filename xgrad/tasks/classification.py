@@ -45,7 +45,7 @@ class Classification:
         if count == 0:
             raise ValueError("evaluation got no batches")
         loss_sum, top1, top5 = torch.stack([loss_sum, top1.double(), top5.double()]).tolist()  # the one read
-        metrics = {"loss": loss_sum / count, "acc": 100 * top1 / count}
+        metrics = {"loss": loss_sum / count, "acc": 100 * top1 / count, "size": count}
         if classes > 5:
             metrics["acc5"] = 100 * top5 / count
         return metrics

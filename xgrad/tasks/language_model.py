@@ -66,4 +66,4 @@ class LanguageModelTask:
             total = total + F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
             tokens += targets.numel()
         loss = float(total) / tokens
-        return {"ppl": math.exp(loss), "loss": loss}
+        return {"ppl": math.exp(loss), "loss": loss, "size": tokens}

@@ -97,12 +97,13 @@ class TranslationTask:
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Per-token loss over every batch; BLEU over the first ``max_eval_sentences`` sentences (all if null)."""
         total = tokens = 0  # tensors on the device once added to: read once, at the end
-        hypotheses, references = [], []
+        hypotheses, references, pairs = [], [], 0
         for batch in batches:
+            pairs += len(batch["index"])
             logits, targets = self._logits_and_targets(model, batch)
             total = total + F.cross_entropy(logits.float(), targets, ignore_index=self.data.pad_id, reduction="sum")
             tokens = tokens + (targets != self.data.pad_id).sum()
             if self.max_eval_sentences is None or len(hypotheses) < self.max_eval_sentences:
                 hypotheses += [self.data.decode(ids) for ids in self.translate(model, batch)]
                 references += [self.data.references[int(i)] for i in batch["index"]]
-        return {"loss": float(total) / int(tokens), "bleu": self.bleu(hypotheses, references)}
+        return {"loss": float(total) / int(tokens), "bleu": self.bleu(hypotheses, references), "size": pairs}

@@ -91,7 +91,7 @@ class VAETask:
         if count == 0:
             raise ValueError("evaluation got no batches")
         recon_sum, kl_sum = torch.stack([recon_sum, kl_sum]).tolist()  # the one read
-        return {"loss": (recon_sum + kl_sum) / count, "recon": recon_sum / count, "kl": kl_sum / count}
+        return {"loss": (recon_sum + kl_sum) / count, "recon": recon_sum / count, "kl": kl_sum / count, "size": count}
 
     def on_evaluated(self, model: nn.Module, run_dir: str, epoch: int) -> dict[str, str]:
         """Decode fixed codes z ~ N(0, I) into ``<run_dir>/samples/epoch_<epoch>.png``."""
