@@ -29,7 +29,8 @@ import numpy as np
 from xgrad.report.runs import Cell, Run
 from xgrad.report.stats import (
     ALPHA, BETTER, MIN_CELLS_FOR_SIGNIFICANCE, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, WORSE, AcrossCells, Paired,
-    across_cells, bh_adjust, curve_mean, direction_sign, epochs_to_reach, margin_for, paired_difference,
+    TimeToTarget, across_cells, bh_adjust, curve_mean, direction_sign, epochs_to_reach, margin_for, paired_difference,
+    pooled_target, time_to_target,
 )  # fmt: skip
 
 #: what a comparison's verdict rests on
@@ -37,20 +38,20 @@ BASIS_TEST = "test at val-selected epoch"
 BASIS_VAL = "best val (no test metric)"
 
 
+#: the measures of time to target: the name shown, and the position in Run.timeline's (epoch, steps, seconds)
+TIME_MEASURES = {"epochs": 0, "optimizer steps": 1, "seconds": 2}
+
+
 @dataclass
 class Convergence:
-    """Per seed pair: epochs for the baseline to reach its own best validation value, and for XGrad to reach it.
+    """How fast both arms of a cell's pairs reach one validation value, ``target`` (stats.pooled_target).
 
-    ``baseline``/``xgrad`` hold the epochs of the pairs where XGrad reached the
-    target; ``never`` counts the pairs where it did not, out of ``pairs``;
-    ``difference`` is XGrad − baseline over the reached pairs (fewer is faster).
+    ``times``: per measure of :data:`TIME_MEASURES`, each pair's times (None:
+    never reached, censored) and their signed-rank test.
     """
 
-    pairs: int
-    never: int
-    baseline: list[int]
-    xgrad: list[int]
-    difference: Paired
+    target: float
+    times: dict[str, TimeToTarget]
 
 
 @dataclass
@@ -133,27 +134,27 @@ def compare_arm(cell: Cell, steps: int | None, xgrad: Sequence[Run]) -> Comparis
 
 
 def convergence(pairs: Sequence[tuple[Run, Run]], mode: str) -> Convergence | None:
-    """Epochs to the baseline's best validation value, per pair (see :class:`Convergence`).
-
-    Pairs where the baseline has no curve are skipped; None when none has one.
-    """
-    counted, never, base_epochs, xgrad_epochs = 0, 0, [], []
-    for baseline, xgrad in pairs:
-        base_curve = [v for _, v in baseline.curve]
-        if not base_curve:
-            continue
-        counted += 1
-        target = (max if mode == "max" else min)(base_curve)
-        reached = epochs_to_reach([v for _, v in xgrad.curve], target, mode)
-        if reached is None:
-            never += 1
-            continue
-        base_epochs.append(epochs_to_reach(base_curve, target, mode))
-        xgrad_epochs.append(reached)
-    if not counted:
+    """Every run of the pairs timed to the cell's target (see :class:`Convergence`); None without a target."""
+    target = pooled_target([[v for _, v in run.curve] for pair in pairs for run in pair], mode)
+    if target is None:
         return None
-    # fewer epochs is better, whatever the metric's direction
-    return Convergence(counted, never, base_epochs, xgrad_epochs, paired_difference(base_epochs, xgrad_epochs, "min"))
+
+    def when(run: Run) -> tuple | None:
+        """The run's (epoch, steps, seconds) at the first epoch that reached the target; None: never."""
+        position = epochs_to_reach([v for _, v in run.curve], target, mode)
+        if position is None:
+            return None
+        epoch = run.curve[position - 1][0]
+        return next((t for t in run.timeline if t[0] == epoch), (epoch, None, None))
+
+    found = [(when(b), when(x)) for b, x in pairs]
+    times = {}
+    for name, measure in TIME_MEASURES.items():
+        if any(at is not None and at[measure] is None for pair in found for at in pair):
+            continue  # a run that reached the target without this measure recorded: the measure is not shown
+        base, ours = ([None if at is None else at[measure] for at in side] for side in zip(*found))
+        times[name] = time_to_target(base, ours)
+    return Convergence(target, times)
 
 
 def curve_areas(pairs: Sequence[tuple[Run, Run]]) -> tuple[list[float], list[float]]:

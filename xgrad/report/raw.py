@@ -14,8 +14,9 @@ says how the value was obtained (selected epoch, epochs and optimizer steps
 trained, lr, evaluation sizes, wall time, hardware, status), and last every
 other field of :class:`xgrad.report.runs.Run`, JSON-encoded where it is not a
 plain value, so that reading the file gives back the records the page was
-rendered from. ``curves.csv`` holds each run's validation and test metric per
-epoch, keyed by the run's ``path``.
+rendered from. ``curves.csv`` holds, per run (keyed by its ``path``) and epoch, the
+validation and test metric and the optimizer steps and seconds spent by the
+end of that epoch (column ``series``: val, test, steps, seconds).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ DETAIL_COLUMNS = ["selected_epoch", "epochs", "optimizer_steps", "lr", "val_size
 #: Run fields whose values runs.csv holds as JSON (containers)
 _JSON_FIELDS = ("data_sizes", "evaluated", "config", "overrides")
 #: Run fields that live in curves.csv instead
-_CURVE_FIELDS = ("curve", "test_curve")
+_CURVE_FIELDS = ("curve", "test_curve", "timeline")
+#: curves.csv's series: the validation and test metric per epoch, and the optimizer steps and seconds by its end
+SERIES = ("val", "test", "steps", "seconds")
 
 
 def frames(runs: list[Run], relative_to: Path | None = None):
@@ -71,9 +74,12 @@ def frames(runs: list[Run], relative_to: Path | None = None):
                                                               sort_keys=True)  # fmt: skip
             rest[f"run.{f.name}"] = value
         rows.append(key | detail | rest)
-        for split, curve in (("val", run.curve), ("test", run.test_curve)):
-            curve_rows += [{"path": path, "split": split, "epoch": epoch, "value": value} for epoch, value in curve]
-    return pd.DataFrame(rows), pd.DataFrame(curve_rows, columns=["path", "split", "epoch", "value"])
+        series = {"val": run.curve, "test": run.test_curve, "steps": [(e, s) for e, s, _ in run.timeline],
+                  "seconds": [(e, t) for e, _, t in run.timeline]}  # fmt: skip
+        for name in SERIES:
+            curve_rows += [{"path": path, "series": name, "epoch": epoch, "value": value}
+                           for epoch, value in series[name] if value is not None]  # fmt: skip
+    return pd.DataFrame(rows), pd.DataFrame(curve_rows, columns=["path", "series", "epoch", "value"])
 
 
 def write(runs: list[Run], folder: Path, relative_to: Path | None = None) -> list[Path]:
@@ -107,9 +113,12 @@ def read(folder: Path) -> list[Run]:
         run = Run(**values)
         if curves is not None:
             mine = curves[curves["path"] == str(run.path)]
-            for split, attribute in (("val", "curve"), ("test", "test_curve")):
-                part = mine[mine["split"] == split]
-                setattr(run, attribute, [(int(e), float(v)) for e, v in zip(part["epoch"], part["value"])])
+            series = {name: {int(e): float(v) for e, v in zip(part["epoch"], part["value"])}
+                      for name, part in ((name, mine[mine["series"] == name]) for name in SERIES)}  # fmt: skip
+            run.curve, run.test_curve = list(series["val"].items()), list(series["test"].items())
+            steps, seconds = series["steps"], series["seconds"]
+            run.timeline = [(e, None if e not in steps else int(steps[e]), seconds.get(e))
+                            for e in sorted(steps.keys() | seconds.keys())]  # fmt: skip
         runs.append(run)
     return runs
 

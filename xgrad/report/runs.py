@@ -112,6 +112,9 @@ class Run:
     curve: list[tuple[int, float]] = field(default_factory=list)
     #: (epoch, test/<metric>) per line of metrics.jsonl that has one, finite values only
     test_curve: list[tuple[int, float]] = field(default_factory=list)
+    #: (epoch, optimizer steps, seconds) at the end of each epoch line of metrics.jsonl: the steps trained and the
+    #: time spent by then (the lines' time/epoch_s added up, evaluation included); None where not recorded
+    timeline: list[tuple[int, int | None, float | None]] = field(default_factory=list)
     #: what the run trains, as dotted keys (xgrad.trained_config); empty when nothing recorded it
     config: dict = field(default_factory=dict)
     #: processes that trained the run together (DDP) and their backend; 1 and None for one process
@@ -257,6 +260,7 @@ def _read_run(path: Path) -> Run:
     run.optimizer_steps = _integer(lines[-1].get("step")) if lines else None
     sizes = {split: _integer(lines[-1].get(f"{split}/size")) for split in ("val", "test")} if lines else {}
     run.evaluated = {split: n for split, n in sizes.items() if n is not None} or None
+    run.timeline = _timeline(lines)
     if run.metric:
         run.curve = _series(lines, f"val/{run.metric}")
         run.test_curve = _series(lines, f"test/{run.metric}")
@@ -268,6 +272,16 @@ def _read_run(path: Path) -> Run:
     if run.status == "completed" and not run.usable:
         run.status, run.reason = "failed", _why_unusable(run, "summary.json")
     return run
+
+
+def _timeline(lines: list[dict]) -> list[tuple[int, int | None, float | None]]:
+    """(epoch, steps, seconds so far) per epoch line; the seconds None from the first line without a time."""
+    timeline, elapsed = [], 0.0
+    for i, line in enumerate(lines):
+        epoch, seconds = _integer(line.get("epoch")), _finite(line.get("time/epoch_s"))
+        elapsed = None if elapsed is None or seconds is None else elapsed + seconds
+        timeline.append((i + 1 if epoch is None else epoch, _integer(line.get("step")), elapsed))
+    return timeline
 
 
 def _series(lines: list[dict], key: str) -> list[tuple[int, float]]:

@@ -15,8 +15,10 @@ A verdict is a statistic, never a comparison of two means:
   differences as a fraction of the baseline (:func:`across_cells`), and the
   per-comparison p-values adjusted for their number (Benjamini–Hochberg,
   :func:`bh_adjust`);
-- convergence speed: when a validation curve first reaches a target
-  (:func:`epochs_to_reach`) and the mean of a curve over epochs
+- convergence speed: when each run first reaches a target fixed per cell
+  from both arms' mean curve (:func:`pooled_target`, :func:`epochs_to_reach`),
+  in epochs, optimizer steps and seconds, censored runs kept
+  (:func:`time_to_target`), and the mean of a curve over epochs
   (:func:`curve_mean`), an area under the curve per epoch.
 
 Distributions come from ``scipy.stats``; nothing here is hand-rolled.
@@ -218,6 +220,59 @@ def across_cells(relative: Sequence[float]) -> AcrossCells:
         warnings.simplefilter("ignore", RuntimeWarning)
         p = float(stats.wilcoxon(nonzero, alternative="two-sided").pvalue)
     return AcrossCells(len(values), len(nonzero), 1.0 if math.isnan(p) else p, favours, median)
+
+
+#: a cell's target lies this fraction of the way from its pooled mean curve's first value to its best
+TARGET_FRACTION = 0.9
+
+
+def pooled_target(curves: Sequence[Sequence[float]], mode: str) -> float | None:
+    """The value every run of a cell is timed to, fixed without either arm's own best.
+
+    The mean curve over all runs of both arms (epoch by epoch, over the epochs
+    they all have), and the value :data:`TARGET_FRACTION` of the way from its
+    first epoch to its best: symmetric in the arms, and below the noisy
+    maxima that a run's own best would be. None below two common epochs.
+    """
+    length = min((len(c) for c in curves), default=0)
+    if length < 2:
+        return None
+    mean = np.mean([list(c)[:length] for c in curves], axis=0)
+    best = float(mean.max() if direction_sign(mode) > 0 else mean.min())
+    return float(mean[0]) + TARGET_FRACTION * (best - float(mean[0]))
+
+
+@dataclass(frozen=True)
+class TimeToTarget:
+    """Per pair, when each run first reached a target in one measure (epochs, steps, seconds); None: never.
+
+    A run that never reached it is censored, not dropped: it counts as slower
+    than any run that did. ``p``: the two-sided Wilcoxon signed-rank test of the
+    paired differences (censored ones ranked largest), None below
+    :data:`MIN_PAIRS` pairs.
+    """
+
+    baseline: list[float | None]
+    xgrad: list[float | None]
+    p: float | None
+
+    @staticmethod
+    def median(values: Sequence[float | None]) -> float | None:
+        """The median, a censored value counted as infinitely late; None when that median is a censored one."""
+        median = float(np.median([math.inf if v is None else v for v in values])) if len(values) else math.inf
+        return None if math.isinf(median) or math.isnan(median) else median
+
+
+def time_to_target(baseline: Sequence[float | None], xgrad: Sequence[float | None]) -> TimeToTarget:
+    """Compare paired times to a target (lower is faster), censored times (None) kept as the slowest."""
+    finite = [abs(v) for v in (*baseline, *xgrad) if v is not None]
+    late = 1 + 2 * max(finite, default=0.0)  # later than any difference of two finite times
+    differences = np.array([(late if x is None else x) - (late if b is None else b) for b, x in zip(baseline, xgrad)])
+    p = None
+    if len(differences) >= MIN_PAIRS:
+        p = 1.0 if not differences.any() else float(
+            stats.wilcoxon(differences, zero_method="zsplit", alternative="two-sided").pvalue)
+    return TimeToTarget(list(baseline), list(xgrad), p)
 
 
 def epochs_to_reach(values: Sequence[float], target: float, mode: str) -> int | None:
