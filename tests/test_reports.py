@@ -221,6 +221,19 @@ def test_epochs_to_reach_counts_from_one_in_the_metrics_direction():
     assert epochs_to_reach([150.0, 130.0], 120.0, "min") is None
 
 
+def test_time_to_target_is_scipys_signed_rank_test_and_keeps_censored_pairs():
+    from xgrad.report.stats import TimeToTarget, time_to_target
+
+    base, ours = [3.0, 4.0, 2.0, 5.0, 4.0], [2.0, 3.0, 2.5, 3.0, 1.0]  # nobody censored: the plain paired test
+    expected = stats.wilcoxon(np.subtract(ours, base), zero_method="zsplit").pvalue
+    assert time_to_target(base, ours).p == pytest.approx(expected)
+    # XGrad never reaching in two pairs counts as slower there (tied: by how much is unknown), not as missing
+    censored = time_to_target(base, [2.0, None, 2.5, None, 1.0])
+    assert censored.p == pytest.approx(stats.wilcoxon([-1, 100, 0.5, 100, -3], zero_method="zsplit").pvalue)
+    assert TimeToTarget.median([1.0, None, None]) is None and TimeToTarget.median([1.0, 2.0, None]) == 2.0
+    assert time_to_target([1.0, 2.0], [1.0, 2.0]).p is None  # under three pairs: no test
+
+
 def test_across_cells_matches_an_exact_enumeration():
     relative = [0.01, 0.02, 0.03, -0.005, 0.04, 0.05, 0.06]
     result = across_cells(relative)
@@ -397,8 +410,7 @@ def test_convergence_and_area_under_the_curve_by_hand(tmp_path):
     assert round(target, 4) == 0.7035 and row["val target (both arms' mean curve)"] == f"{target:.4g}"
     # by eye, first epoch ≥ 0.7035: baseline 3, never, 2, never; XGrad 2, 4, 4, never
     base_epochs, xgrad_epochs = [3, None, 2, None], [2, 4, 4, None]
-    late = 1 + 2 * 4  # a censored time ranks after every finite one
-    differences = [(late if x is None else x) - (late if b is None else b) for b, x in zip(base_epochs, xgrad_epochs)]
+    differences = [-1, -100, 2, 0]  # seed 1: only XGrad reached, the largest rank in its favour; seed 3: neither
     p = stats.wilcoxon(differences, zero_method="zsplit").pvalue
     # the medians count a censored run as infinitely late: the baseline's is "never" (2 of 4 reached)
     assert row["epochs to target: base vs XGrad median (reached), p"] == f"never (2/4) vs 4 (3/4), p = {p:.2g}"

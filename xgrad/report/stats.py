@@ -266,8 +266,12 @@ class TimeToTarget:
 def time_to_target(baseline: Sequence[float | None], xgrad: Sequence[float | None]) -> TimeToTarget:
     """Compare paired times to a target (lower is faster), censored times (None) kept as the slowest."""
     finite = [abs(v) for v in (*baseline, *xgrad) if v is not None]
-    late = 1 + 2 * max(finite, default=0.0)  # later than any difference of two finite times
-    differences = np.array([(late if x is None else x) - (late if b is None else b) for b, x in zip(baseline, xgrad)])
+    late = 1 + 2 * max(finite, default=0.0)  # larger than any difference of two finite times
+
+    def difference(b: float | None, x: float | None) -> float:  # censored pairs tie: their order is unknown
+        return 0.0 if b is None and x is None else late if x is None else -late if b is None else x - b
+
+    differences = np.array([difference(b, x) for b, x in zip(baseline, xgrad)])
     p = None
     if len(differences) >= MIN_PAIRS:
         p = 1.0 if not differences.any() else float(
