@@ -52,7 +52,7 @@ bench: install
 # suite needs there, as wheels for Python 3.12 at this repository's pinned versions (antlr4's runtime exists only
 # as an sdist: built into a wheel here). scripts/device_check.sh installs them there; carried with the tree.
 WHEELHOUSE := wheelhouse
-DEVICE_WHEELS := hydra-core omegaconf tabulate
+DEVICE_WHEELS := hydra-core omegaconf tabulate statsmodels patsy
 wheelhouse: install
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d $(WHEELHOUSE) \

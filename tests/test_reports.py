@@ -17,7 +17,6 @@ must stay near 5%.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import json
 import shutil
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from scipy import stats
 
 from xgrad.report.stats import (
-    BETTER, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, VERDICTS, WORSE, across_cells, epochs_to_reach, paired_difference,
+    BETTER, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, VERDICTS, WORSE, epochs_to_reach, paired_difference,
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,17 +148,6 @@ def bh_by_formula(p_values) -> list[float]:
     return list(q)
 
 
-def signed_rank_p(values) -> float:
-    """Exact two-sided Wilcoxon signed-rank p by enumerating every sign assignment (distinct |values|)."""
-    values = np.asarray(values, dtype=float)
-    ranks = stats.rankdata(np.abs(values))
-    observed = ranks[values > 0].sum()
-    n, total = len(values), ranks.sum()
-    sums = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product([0, 1], repeat=n)]
-    extreme = min(observed, total - observed)
-    return min(1.0, 2 * sum(s <= extreme for s in sums) / 2**n)
-
-
 # ---------------------------------------------------------------- statistics on numbers
 
 
@@ -234,15 +222,39 @@ def test_time_to_target_is_scipys_signed_rank_test_and_keeps_censored_pairs():
     assert time_to_target([1.0, 2.0], [1.0, 2.0]).p is None  # under three pairs: no test
 
 
-def test_across_cells_matches_an_exact_enumeration():
-    relative = [0.01, 0.02, 0.03, -0.005, 0.04, 0.05, 0.06]
-    result = across_cells(relative)
-    assert result.p == pytest.approx(signed_rank_p(relative))
-    assert (result.n, result.nonzero, result.favours) == (7, 7, "xgrad")
-    five = across_cells([0.01, 0.02, 0.03, 0.04, 0.05])  # all positive, yet 2 / 2^5 = 0.0625
-    assert five.p == pytest.approx(0.0625) and not five.can_reach_significance
-    zeros = across_cells([0.0, 0.0])
-    assert (zeros.p, zeros.favours, zeros.nonzero) == (1.0, None, 0)
+def pooled_by_hand(cells) -> tuple[float, float, float, float]:
+    """Random effects by the textbook: Hedges' g per cell, Paule–Mandel τ² (brentq), μ ± t(k−1) · se."""
+    from scipy.optimize import brentq
+
+    g, v = [], []
+    for d in map(np.asarray, cells):
+        n = len(d)
+        g.append((1 - 3 / (4 * n - 5)) * d.mean() / d.std(ddof=1))
+        v.append(1 / n + g[-1] ** 2 / (2 * n))
+    g, v, k = np.array(g), np.array(v), len(cells)
+
+    def excess(tau2):  # the generalised Q statistic minus its expectation
+        w = 1 / (v + tau2)
+        return (w * (g - (w * g).sum() / w.sum()) ** 2).sum() - (k - 1)
+
+    tau2 = 0.0 if excess(0.0) <= 0 else brentq(excess, 0.0, 1e6)
+    w = 1 / (v + tau2)
+    mu, half = (w * g).sum() / w.sum(), stats.t.ppf(0.975, k - 1) / np.sqrt(w.sum())
+    return mu, mu - half, mu + half, tau2
+
+
+def test_the_pooled_estimate_is_the_textbook_random_effects_model():
+    from xgrad.report.stats import pooled
+
+    cells = [[0.5, 0.9, 0.7], [0.1, -0.2, 0.4, 0.3], [1.2, 0.8, 1.9, 1.1, 1.4], [-0.3, 0.2, 0.1]]
+    result = pooled(cells)
+    assert (result.effect, result.low, result.high, result.tau2) == pytest.approx(pooled_by_hand(cells), rel=1e-5,
+                                                                                 abs=1e-8)  # fmt: skip
+    assert (result.cells, result.favours_xgrad, result.favours_baseline, result.left_out) == (4, 4, 0, 0)
+    homogeneous = [[1.0, 1.2, 0.9], [1.1, 0.9, 1.3]]  # τ² = 0: the fixed-effect mean, still a t interval
+    assert pooled(homogeneous).tau2 == 0 and pooled(homogeneous).effect == pytest.approx(pooled_by_hand(homogeneous)[0])
+    few = pooled([[1.0, 2.0, 1.5], [0.5, 0.5], None])  # one cell with an effect: no pooled estimate
+    assert (few.effect, few.cells, few.left_out) == (None, 1, 2)
 
 
 # ---------------------------------------------------------------- tables from run directories
@@ -451,32 +463,32 @@ def test_seven_clearly_better_cells_make_a_figure_verdict(tmp_path):
     _figure(tmp_path, [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
     text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "fig.md")])
     rows = table_rows(text)
-    relative, _ = _relative_and_p(tmp_path, 7)
     assert all(row["verdict"] == BETTER for row in rows)
+    mu, low, high, _ = pooled_by_hand([np.subtract(*_pair_values(tmp_path, f"m{i}")[::-1]) for i in range(7)])
     [summary] = summary_rows(text)
-    assert summary["Wilcoxon p (across cells)"] == f"{signed_rank_p(relative):.3g} (7 cells)"
+    assert summary["pooled effect g [95% CI]"] == f"{mu:+.3g} [{low:+.3g}, {high:+.3g}] (7 cells)" and low > 0
     assert (summary["better"], summary["worse"], summary["comparisons"]) == ("7", "0", "7")
-    assert summary["verdict"] == "XGrad better"
-    assert section(text, "Verdict").strip().startswith("- **adam**: XGrad better — better in 7")
+    assert (summary["verdict"], summary["cells favouring XGrad / baseline"]) == ("XGrad better", "7 / 0")
+    assert section(text, "Verdict").strip().startswith("- **adam**: XGrad better — pooled standardised effect")
 
 
-def test_benjamini_hochberg_and_a_significantly_worse_cell_block_the_verdict(tmp_path):
-    # six cells clearly better, one a little but consistently worse (significantly so after BH):
-    # the across-cell test alone would say XGrad is better (the worse cell has the smallest rank)
+def test_a_significantly_worse_cell_is_weighed_in_the_pooled_verdict_and_counted_beside_it(tmp_path):
+    # six cells clearly better, one a little but consistently worse (significantly so after BH)
     _figure(tmp_path, [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, -0.5], spread=0.05)
     text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "fig.md")])
     rows = table_rows(text)
-    relative, p_values = _relative_and_p(tmp_path, 7)
+    _, p_values = _relative_and_p(tmp_path, 7)
     adjusted = bh_by_formula(p_values)
     assert [row["p (BH)"] for row in rows] == [f"{q:.2g}" for q in adjusted]
     significant = sum(q < 0.05 for q in adjusted)
     worse = sum(q < 0.05 and row["verdict"] == WORSE for q, row in zip(adjusted, rows))
-    assert worse == 1 and signed_rank_p(relative) < 0.05
+    assert worse == 1
     [summary] = summary_rows(text)
     assert summary["BH-significant (better / worse)"] == f"{significant - worse} / {worse}"
-    assert summary["Wilcoxon p (across cells)"].startswith(f"{signed_rank_p(relative):.3g}")
-    assert summary["verdict"] == "inconclusive"
-    assert "favours XGrad but 1 comparison(s) are significantly worse" in section(text, "Verdict")
+    mu, low, high, _ = pooled_by_hand([np.subtract(*_pair_values(tmp_path, f"m{i}")[::-1]) for i in range(7)])
+    assert summary["pooled effect g [95% CI]"] == f"{mu:+.3g} [{low:+.3g}, {high:+.3g}] (7 cells)"
+    assert summary["verdict"] == ("XGrad better" if low > 0 else "XGrad worse" if high < 0 else "inconclusive")
+    assert summary["cells favouring XGrad / baseline"] == "6 / 1"
 
 
 def _pair_values(root: Path, model: str) -> tuple[list[float], list[float]]:
@@ -489,15 +501,15 @@ def _pair_values(root: Path, model: str) -> tuple[list[float], list[float]]:
     return [found[(False, s)] for s in seeds], [found[(True, s)] for s in seeds]
 
 
-def test_fewer_than_six_cells_cannot_give_a_figure_verdict_and_say_why(tmp_path):
-    _figure(tmp_path, [1.0, 1.5, 2.0, 2.5, 3.0])
-    text = make_tables.main([str(tmp_path), "--out", str(tmp_path / "fig.md")])
-    assert all(row["verdict"] == BETTER for row in table_rows(text))
+def test_a_small_design_reaches_a_verdict_and_a_single_cell_says_why_it_cannot(tmp_path):
+    _figure(tmp_path / "three", [1.0, 1.5, 2.0], seeds=5)  # three consistent cells: a rank test never could
+    [summary] = summary_rows(make_tables.main([str(tmp_path / "three"), "--out", str(tmp_path / "three.md")]))
+    assert summary["verdict"] == "XGrad better"
+    _figure(tmp_path / "one", [1.0])
+    text = make_tables.main([str(tmp_path / "one"), "--out", str(tmp_path / "one.md")])
     [summary] = summary_rows(text)
-    assert summary["verdict"] == "inconclusive" and summary["Wilcoxon p (across cells)"] == "0.0625 (5 cells)"
-    verdict = section(text, "Verdict")
-    assert "inconclusive" in verdict and "XGrad better" not in verdict
-    assert "with 5 cell(s) that differ, a two-sided signed-rank test cannot reach p < 0.05" in verdict
+    assert summary["verdict"] == "inconclusive" and summary["pooled effect g [95% CI]"] == "—"
+    assert "no pooled estimate: it needs two cells with three pairs or more" in section(text, "Verdict")
 
 
 def test_a_figure_of_several_optimizers_has_one_verdict_each_and_one_for_all(tmp_path):

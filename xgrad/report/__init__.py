@@ -10,7 +10,7 @@ of it lives here, once, for every caller (``scripts/make_tables.py``,
 - :mod:`xgrad.report.runs` reads run directories (or W&B runs) into records
   and groups them into cells;
 - :mod:`xgrad.report.stats` holds the statistics on plain numbers (paired t
-  interval and verdict, Wilcoxon across cells, Benjamini–Hochberg, convergence);
+  interval and verdict, a pooled estimate across cells, Benjamini–Hochberg, convergence);
 - :mod:`xgrad.report.compare` pairs runs by seed and turns cells into
   comparisons and per-optimizer summaries;
 - :mod:`xgrad.report.tables` renders them as Markdown through the one

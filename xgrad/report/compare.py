@@ -13,10 +13,10 @@ The best test value over epochs (the optimizer papers' habit, where the test
 set picks the epoch) is carried along for display only.
 
 A figure's verdict for one optimizer (and one ``s``, when a figure sweeps it)
-is "XGrad better" only when the Wilcoxon signed-rank test across its cells is
-significant in XGrad's favour and none of its comparisons is significantly
-worse after the Benjamini–Hochberg correction across the table; "XGrad worse"
-symmetrically; otherwise the counts, and "inconclusive".
+is "XGrad better" when the 95% interval of the random-effects pooled
+standardised effect across its cells (:func:`xgrad.report.stats.pooled`) lies
+above 0, "XGrad worse" when below, "inconclusive" otherwise; the counts of
+verdicts, the plain sign count and the Benjamini–Hochberg counts come with it.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import numpy as np
 
 from xgrad.report.runs import Cell, Run
 from xgrad.report.stats import (
-    ALPHA, BETTER, MIN_CELLS_FOR_SIGNIFICANCE, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, WORSE, AcrossCells, Paired,
-    TimeToTarget, across_cells, bh_adjust, curve_mean, direction_sign, epochs_to_reach, margin_for, paired_difference,
-    pooled_target, time_to_target,
+    ALPHA, BETTER, EQUIVALENT, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, WORSE, Paired, Pooled, TimeToTarget, bh_adjust, curve_mean, direction_sign, epochs_to_reach, margin_for, paired_difference,
+    pooled, pooled_target, time_to_target,
 )  # fmt: skip
 
 #: what a comparison's verdict rests on
@@ -78,12 +77,10 @@ class Comparison:
         return self.cell.optimizer_setting
 
     @property
-    def relative(self) -> float | None:
-        """The mean difference as a fraction of the baseline mean, positive when XGrad is better."""
-        base = self.values[0]
-        if self.result.mean is None or not base or np.mean(base) == 0:
-            return None
-        return direction_sign(self.cell.mode) * self.result.mean / abs(float(np.mean(base)))
+    def oriented_differences(self) -> list[float]:
+        """XGrad − baseline per pair, signed so that positive favours XGrad (what the pooled estimate reads)."""
+        sign = direction_sign(self.cell.mode)
+        return [sign * (x - b) for b, x in zip(*self.values)]
 
     @property
     def significant(self) -> str | None:
@@ -178,7 +175,7 @@ class GroupSummary:
 
     label: str
     rows: list[Comparison]
-    test: AcrossCells | None
+    test: Pooled | None
     verdict: str
     explanation: str
 
@@ -223,38 +220,25 @@ def summarise(rows: Sequence[Comparison]) -> list[GroupSummary]:
 def summarise_group(label: str, rows: Sequence[Comparison]) -> GroupSummary:
     """The verdict of one group of comparisons (see the module docstring for the rule)."""
     rows = list(rows)
-    relative = [row.relative for row in rows if row.pairs and row.relative is not None]
-    if not relative:
+    compared = [row for row in rows if row.pairs]
+    if not compared:
         return GroupSummary(label, rows, None, "no comparison", "no complete baseline/XGrad pair to compare.")
-    test = across_cells(relative)
+    test = pooled([None if row.result.degenerate else row.oriented_differences for row in compared])
     summary = GroupSummary(label, rows, test, "", "")
-    better, worse = summary.significant(BETTER), summary.significant(WORSE)
-    wins = test.p < ALPHA and test.favours == "xgrad"
-    losses = test.p < ALPHA and test.favours == "baseline"
     counts = (
-        f"better in {summary.count(BETTER)}, worse in {summary.count(WORSE)}, "
+        f"better in {summary.count(BETTER)}, worse in {summary.count(WORSE)}, equivalent in {summary.count(EQUIVALENT)}, "
         f"no clear difference in {summary.count(NO_CLEAR_DIFFERENCE)}, too few seeds in {summary.count(TOO_FEW_SEEDS)} "
-        f"of {summary.compared} comparison(s); Wilcoxon signed-rank across {test.n} cell(s) p = {test.p:.3g} "
-        f"(median relative difference {100 * test.median:+.2g}%, positive favours XGrad); "
-        f"significant after Benjamini–Hochberg: {better} better, {worse} worse"
+        f"of {summary.compared} comparison(s); significant after Benjamini–Hochberg: {summary.significant(BETTER)} "
+        f"better, {summary.significant(WORSE)} worse; cells favouring XGrad / the baseline: "
+        f"{test.favours_xgrad} / {test.favours_baseline}"
     )  # fmt: skip
-    if wins and not worse:
-        summary.verdict, summary.explanation = "XGrad better", counts + "."
-    elif losses and not better:
-        summary.verdict, summary.explanation = "XGrad worse", counts + "."
-    else:
-        reasons = []
-        if not test.can_reach_significance:
-            reasons.append(
-                f"with {test.nonzero} cell(s) that differ, a two-sided signed-rank test cannot reach p < 0.05 "
-                f"(it needs at least {MIN_CELLS_FOR_SIGNIFICANCE})"
-            )
-        if wins and worse:
-            reasons.append(f"the across-cell test favours XGrad but {worse} comparison(s) are significantly worse")
-        if losses and better:
-            reasons.append(
-                f"the across-cell test favours the baseline but {better} comparison(s) are significantly better"
-            )
+    left_out = f"; {test.left_out} cell(s) without a standardised effect left out" if test.left_out else ""
+    if test.effect is None:
         summary.verdict = "inconclusive"
-        summary.explanation = counts + (f"; {'; '.join(reasons)}" if reasons else "") + "."
+        summary.explanation = f"{counts}{left_out}; no pooled estimate: it needs two cells with three pairs or more."
+        return summary
+    pooled_text = (f"pooled standardised effect g = {test.effect:+.3g} [{test.low:+.3g}, {test.high:+.3g}] over "
+                   f"{test.cells} cell(s), τ² = {test.tau2:.3g}")  # fmt: skip
+    summary.verdict = "XGrad better" if test.low > 0 else "XGrad worse" if test.high < 0 else "inconclusive"
+    summary.explanation = f"{pooled_text}; {counts}{left_out}."
     return summary

@@ -11,17 +11,17 @@ A verdict is a statistic, never a comparison of two means:
   otherwise; ``too few seeds`` below :data:`MIN_PAIRS` pairs, where no
   interval is computed (:func:`paired_difference`); with each, the minimum
   detectable effect at 80% power (:func:`minimum_detectable_effect`);
-- across a figure's cells, a Wilcoxon signed-rank test on the cells' mean
-  differences as a fraction of the baseline (:func:`across_cells`), and the
-  per-comparison p-values adjusted for their number (Benjamini–Hochberg,
-  :func:`bh_adjust`);
+- across a figure's cells, a random-effects pooled estimate of the cells'
+  standardised paired effects (:func:`pooled`), which weighs each cell by its
+  precision, and the per-comparison p-values adjusted for their number
+  (Benjamini–Hochberg, :func:`bh_adjust`);
 - convergence speed: when each run first reaches a target fixed per cell
   from both arms' mean curve (:func:`pooled_target`, :func:`epochs_to_reach`),
   in epochs, optimizer steps and seconds, censored runs kept
   (:func:`time_to_target`), and the mean of a curve over epochs
   (:func:`curve_mean`), an area under the curve per epoch.
 
-Distributions come from ``scipy.stats``; nothing here is hand-rolled.
+Distributions come from ``scipy.stats``, the pooling from ``statsmodels``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ MIN_PAIRS = 3
 #: coverage of every interval, and 1 − the level of every test
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
-#: a two-sided signed-rank test on fewer non-zero differences than this cannot reach p < 0.05 (2 / 2^5 = 0.0625)
-MIN_CELLS_FOR_SIGNIFICANCE = 6
 
 
 @dataclass(frozen=True)
@@ -182,44 +180,59 @@ def bh_adjust(p_values: Sequence[float | None]) -> list[float | None]:
     return adjusted
 
 
+def standardised_effect(differences: Sequence[float]) -> tuple[float, float] | None:
+    """Hedges' g of one cell's paired differences (mean / sd, small-sample corrected) and its sampling variance.
+
+    ``differences`` are signed so that positive favours XGrad. The variance is
+    the usual large-sample one for a paired standardised mean, 1/n + g²/(2n).
+    None below :data:`MIN_PAIRS` pairs or without spread (a degenerate cell).
+    """
+    values = np.asarray(differences, dtype=float)
+    n = len(values)
+    if n < MIN_PAIRS or not values.std(ddof=1) > 0:
+        return None
+    g = (1 - 3 / (4 * (n - 1) - 1)) * float(values.mean() / values.std(ddof=1))
+    return g, 1 / n + g**2 / (2 * n)
+
+
 @dataclass(frozen=True)
-class AcrossCells:
-    """A Wilcoxon signed-rank test over cells' relative differences (positive = XGrad better).
+class Pooled:
+    """A figure's cells pooled: the random-effects mean of their standardised effects (positive: XGrad better).
 
-    ``n`` cells entered, ``nonzero`` of them differ (the test drops zeros);
-    ``favours`` is ``"xgrad"`` or ``"baseline"`` by the larger signed-rank sum,
-    None when they tie; ``p`` is two-sided, 1.0 when nothing differs.
+    ``effect`` [``low``, ``high``]: the cells' Hedges' g weighted by
+    1 / (variance + τ²), τ² by Paule–Mandel, with its 95% t interval on
+    (cells − 1) degrees of freedom (``statsmodels``' ``combine_effects``); None
+    below two cells. ``favours_xgrad`` / ``favours_baseline``: the plain sign
+    count of the pooled cells; ``left_out``: cells without a standardised
+    effect (under three pairs, or degenerate).
     """
 
-    n: int
-    nonzero: int
-    p: float
-    favours: str | None
-    median: float | None
+    cells: int
+    effect: float | None
+    low: float | None
+    high: float | None
+    tau2: float | None
+    favours_xgrad: int
+    favours_baseline: int
+    left_out: int
 
-    @property
-    def can_reach_significance(self) -> bool:
-        return self.nonzero >= MIN_CELLS_FOR_SIGNIFICANCE
 
+def pooled(cells: Sequence[Sequence[float] | None]) -> Pooled:
+    """Pool cells given as their paired differences (signed: positive favours XGrad); None marks a degenerate cell."""
+    effects = [standardised_effect(d) if d is not None else None for d in cells]
+    present = [e for e in effects if e is not None]
+    g = np.array([e[0] for e in present])
+    signs = (int((g > 0).sum()), int((g < 0).sum()))
+    if len(present) < 2:
+        return Pooled(len(present), None, None, None, None, *signs, len(cells) - len(present))
+    from statsmodels.stats.meta_analysis import combine_effects
 
-def across_cells(relative: Sequence[float]) -> AcrossCells:
-    """Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, two-sided) of ``relative`` against 0.
-
-    ``relative`` holds one number per cell: its mean paired difference as a
-    fraction of the baseline mean, signed so that positive means XGrad better.
-    """
-    values = np.asarray(relative, dtype=float)
-    nonzero = values[values != 0]
-    median = float(np.median(values)) if len(values) else None
-    if not len(nonzero):
-        return AcrossCells(len(values), 0, 1.0, None, median)
-    ranks = stats.rankdata(np.abs(nonzero))
-    plus, minus = ranks[nonzero > 0].sum(), ranks[nonzero < 0].sum()
-    favours = "xgrad" if plus > minus else "baseline" if minus > plus else None
-    with warnings.catch_warnings():  # a single cell: scipy warns that the normal approximation is poor; p is exact
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p = float(stats.wilcoxon(nonzero, alternative="two-sided").pvalue)
-    return AcrossCells(len(values), len(nonzero), 1.0 if math.isnan(p) else p, favours, median)
+    with warnings.catch_warnings():  # the per-cell intervals it also computes would want each cell's n: not used here
+        warnings.simplefilter("ignore")
+        result = combine_effects(g, np.array([e[1] for e in present]), method_re="iterated", use_t=True)
+        low, high = result.conf_int(alpha=ALPHA, use_t=True)[1]
+    return Pooled(len(present), float(result.mean_effect_re), float(low), float(high), float(result.tau2), *signs,
+                  len(cells) - len(present))  # fmt: skip
 
 
 #: a cell's target lies this fraction of the way from its pooled mean curve's first value to its best

@@ -47,7 +47,7 @@ DETAIL_COLUMNS = [
 #: the per-optimizer summary table's columns
 SUMMARY_COLUMNS = [
     "optimizer", "comparisons", "better", "worse", "equivalent", "no clear difference", "too few seeds",
-    "Wilcoxon p (across cells)", "BH-significant (better / worse)", "verdict",
+    "pooled effect g [95% CI]", "cells favouring XGrad / baseline", "BH-significant (better / worse)", "verdict",
 ]  # fmt: skip
 
 
@@ -139,6 +139,12 @@ def header(rows: Sequence[Comparison]) -> list[str]:
         " all differ by the same amount is degenerate (no test) and says so."
         f" p (BH): the paired-t p-values adjusted for the {sum(row.result.p is not None for row in rows)} row(s) with"
         " one (Benjamini–Hochberg).",
+        "**Figure verdict** (Summary, Verdict): each cell's paired differences as a standardised effect (Hedges' g,"
+        " positive favours XGrad), pooled over the optimizer's cells by a random-effects model (each cell weighted by"
+        " its precision; between-cell variance τ² by Paule–Mandel; 95% t interval on cells − 1 degrees of freedom):"
+        " `XGrad better` when the interval lies above 0, `XGrad worse` below, `inconclusive` otherwise or under two"
+        " cells; degenerate cells and cells under three pairs are left out and counted. The plain count of cells"
+        " favouring each arm is given beside it.",
         "**Time to target**: each cell's target is fixed without either arm's own best: the validation value"
         f" {100 * TARGET_FRACTION:.0f}% of the way from the first epoch to the best of the mean curve over all runs of"
         " both arms. Every run is timed to the first epoch that reaches it, in epochs, optimizer steps and seconds"
@@ -254,7 +260,9 @@ def summary_frame(summaries: Sequence[GroupSummary]) -> pd.DataFrame:
         records.append([
             group.label, str(group.compared), str(group.count(BETTER)), str(group.count(WORSE)),
             str(group.count(EQUIVALENT)), str(group.count(NO_CLEAR_DIFFERENCE)), str(group.count(TOO_FEW_SEEDS)),
-            "—" if test is None else f"{test.p:.3g} ({test.n} cells)",
+            "—" if test is None or test.effect is None
+            else f"{test.effect:+.3g} [{test.low:+.3g}, {test.high:+.3g}] ({test.cells} cells)",
+            "—" if test is None else f"{test.favours_xgrad} / {test.favours_baseline}",
             f"{group.significant(BETTER)} / {group.significant(WORSE)}", group.verdict,
         ])  # fmt: skip
     return pd.DataFrame(records, columns=SUMMARY_COLUMNS)
