@@ -39,8 +39,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from xgrad import hardware
-from xgrad.builder import benchmark_arm, build_data, uses_channels_last
+from xgrad import hardware, performance
+from xgrad.builder import benchmark_arm, build_data
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, to_device
 from xgrad.report.tables import benchmark_page, spread
@@ -84,7 +84,7 @@ def measure(cfg: DictConfig, plan: DictConfig) -> dict:
     device = resolve_device(cfg.trainer.device)
     data = build_data(cfg, device)
     stream = cycle(data.train_batches(0, cfg.seed))  # repeats the batches if the split has too few
-    channels_last = uses_channels_last(cfg, device)
+    channels_last = performance.channels_last(cfg.trainer.channels_last, cfg.model.channels_last, device)
     batches = [to_device(b, device, channels_last) for b in islice(stream, plan.warmup + plan.iterations)]
     warmup, timed = batches[: plan.warmup], batches[plan.warmup :]
     with tempfile.TemporaryDirectory() as scratch:

@@ -126,8 +126,8 @@ def measure(cfg: DictConfig, device: torch.device, args: argparse.Namespace) -> 
     engine = arms["baseline"].engine
     return {
         "data": cfg.data.name, "model": cfg.model.name, "batch": cfg.data.batch_size, "unit": data.sizes()["unit"],
-        "parameters": sum(p.numel() for p in engine.model.parameters()), "precision": engine.settings.precision,
-        "channels_last": engine.settings.channels_last, "compile": bool(cfg.trainer.compile),
+        "parameters": sum(p.numel() for p in engine.model.parameters()), "precision": str(engine.trainer.precision),
+        "channels_last": engine.channels_last, "compile": bool(cfg.trainer.compile),
         "baseline": statistics.median(rates["baseline"]), "xgrad": statistics.median(rates["xgrad"]),
         "spread": max(spread(blocks) for blocks in rates.values()),
     }  # fmt: skip
@@ -148,7 +148,7 @@ class _Arm:
         hardware.synchronize(engine.device)
         started = time.perf_counter()
         for batch in itertools.islice(self._batches, count):
-            running.add(engine.train_step(to_device(batch, engine.device, engine.settings.channels_last)))
+            running.add(engine.train_step(to_device(batch, engine.device, engine.channels_last)))
         samples = running.read().samples  # waits for the device
         return samples, time.perf_counter() - started
 

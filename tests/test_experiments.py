@@ -423,9 +423,10 @@ def test_overhead_benchmark_times_both_arms_and_lists_what_it_cannot_run(tmp_pat
 
 
 def test_a_figures_run_directories_are_named_without_what_does_not_change_the_training():
-    """One list (xgrad/trained_config.py) decides both: the resume check ignores a key, the run folder's name leaves it
+    """One mark on the schema's fields decides both: the resume check ignores a key, the run folder's name leaves it
     out, so rerunning a figure with any of them finds the same run directories."""
     from conftest import compose_config
+    from xgrad.schema import not_trained
     from xgrad.trained_config import RESUME_IGNORES, flatten
 
     base = ("experiment=adam", "scale=quick", "seed=3", "xgrad=on")
@@ -434,7 +435,11 @@ def test_a_figures_run_directories_are_named_without_what_does_not_change_the_tr
     assert named == "seed=3,trainer.limit_train_batches=2,trainer.limit_val_batches=2,xgrad=on"
     how_it_runs = ("trainer.tf32=false", "trainer.channels_last=false", "data.on_device=false",
                    "trainer.sync_batchnorm=true", "trainer.compile=true", "trainer.epochs=7", "trainer.num_threads=1",
-                   "logger=none", "data.root=elsewhere", "model.compiles=false")  # fmt: skip
+                   "logger=none", "data.root=elsewhere", "model.compiles=false", "trainer.device=cpu",
+                   "trainer.progress=false", "trainer.log_every_n_steps=3", "trainer.checkpoint_every_n_steps=5",
+                   "+data.module.num_workers=1", "model.channels_last=true")  # fmt: skip
+    # every key the schema marks is tried here, and the resume check ignores exactly those
+    assert {o.lstrip("+").split("=")[0] for o in how_it_runs} == set(not_trained()) == set(RESUME_IGNORES)
     for override in how_it_runs:
         assert compose_config(*base, override, return_hydra_config=True).hydra.job.override_dirname == named, override
     cfg = compose_config(*base, return_hydra_config=True)

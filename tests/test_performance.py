@@ -324,7 +324,7 @@ def test_no_training_step_of_any_model_waits_for_the_device(compose_config, tmp_
     for step in range(3):
         batch = next(batches)
         with CountTransfers() as counted:
-            engine.train_step(to_device(batch, meta, engine.settings.channels_last))
+            engine.train_step(to_device(batch, meta, engine.channels_last))
         tensors = [t for t in (batch.values() if isinstance(batch, dict) else batch) if torch.is_tensor(t)]
         if step > 0:
             assert counted.events == ["copy to device"] * len(tensors), f"step {step + 1}: {counted.events}"

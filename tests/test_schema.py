@@ -153,3 +153,23 @@ def test_the_sweep_jobs_of_every_experiment_pass_the_schema():
         assert jobs, (experiment, scale)
         for job in jobs[:1] + jobs[-1:]:
             check(compose_job(experiment, scale, job))
+
+
+@pytest.mark.parametrize("given, precision", [(32, "fp32"), ("bf16", "bf16"), (16, "fp16")])
+def test_the_checked_config_is_the_typed_object_the_engine_reads(compose_config, given, precision):
+    """check returns the schema's dataclasses, with enums where a key has a fixed set of values; the engine's
+    autocast dtype and gradient scaler follow that enum."""
+    import torch
+
+    from xgrad.engine import Engine
+    from xgrad.schema import Config, Precision, Trainer
+
+    job = check(compose_config(f"trainer.precision={given}", "trainer.channels_last=false", "data.on_device=auto"))
+    assert isinstance(job, Config) and isinstance(job.trainer, Trainer)
+    assert job.trainer.precision is Precision[precision] and str(job.trainer.precision) == str(given)
+    assert job.trainer.channels_last is False and job.data.on_device == "auto"
+    engine = Engine.__new__(Engine)  # only the two attributes the autocast reads
+    engine.trainer, engine.device = job.trainer, torch.device("cpu")
+    expected = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    with engine._autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == expected

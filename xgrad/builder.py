@@ -3,7 +3,7 @@
 :func:`build_run` takes a composed (and checked) config and a device and
 returns :class:`RunParts`: data, model, task, optimizer, predictor, scheduler,
 the modules that run training and evaluation batches, and the engine's
-settings, with the hardware settings resolved for the device
+typed ``trainer`` config (xgrad/schema.py), with the hardware settings resolved for the device
 (xgrad/performance.py). The entry point (xgrad/train.py) trains them; the
 benchmarks (scripts/bench_overhead.py, scripts/bench_throughput.py) step them
 through :meth:`xgrad.engine.Engine.train_step`, so what they time is what a
@@ -34,9 +34,10 @@ from torch import nn
 from xgrad import distributed, performance
 from xgrad.data.base import DatasetMissingError
 from xgrad.distributed import World, one_line
-from xgrad.engine import Engine, Settings
+from xgrad.engine import Engine
 from xgrad.loggers import RunLogger
 from xgrad.preemption import StopSignals
+from xgrad import schema
 from xgrad.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class RunParts:
     predictor: Any | None
     scheduler: Any | None
     device: torch.device
-    settings: Settings
+    trainer: schema.Trainer  # the config's typed trainer group: what the engine reads
+    channels_last: bool  # batches and weights channels-last, as resolved for the device
     seed: int
     world: World = field(default_factory=World)
 
@@ -65,7 +67,7 @@ class RunParts:
         return Engine(
             model=self.model, forward=self.forward, evaluate=self.evaluate, task=self.task, data=self.data,
             optimizer=self.optimizer, predictor=self.predictor, scheduler=self.scheduler, device=self.device,
-            settings=self.settings, seed=self.seed, run_dir=run_dir, logger=logger,
+            trainer=self.trainer, channels_last=self.channels_last, seed=self.seed, run_dir=run_dir, logger=logger,
             checkpoint_extra=checkpoint_extra or {}, stop=stop, world=self.world,
         )  # fmt: skip
 
@@ -81,15 +83,16 @@ def build_run(cfg: DictConfig, device: torch.device, world: World | None = None,
     the runs they compare (building data draws no random numbers).
     """
     world = world if world is not None else World()
-    trainer = cfg.trainer
+    job = schema.check(cfg)  # the typed config: what the code below reads (the nodes it instantiates stay nodes)
+    trainer = job.trainer
     launcher = HydraConfig.get().launcher if HydraConfig.initialized() else None
     if (threads := performance.threads_per_job(trainer.num_threads, launcher)) is not None:
         torch.set_num_threads(threads)
     performance.use_tf32(device, trainer.tf32)
-    seed_everything(cfg.seed, trainer.deterministic)
+    seed_everything(job.seed, trainer.deterministic)
     if data is None:
         data = build_data(cfg, device, world)
-    channels_last = uses_channels_last(cfg, device)
+    channels_last = performance.channels_last(trainer.channels_last, job.model.channels_last, device)
     model = build(cfg.model.net).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -106,18 +109,18 @@ def build_run(cfg: DictConfig, device: torch.device, world: World | None = None,
                          optimizer)  # fmt: skip
     # one process trains and evaluates through one compiled module; several compile the DDP wrapper for training
     # (the all-reduce then overlaps the backward pass) and evaluate with the model itself, compiled apart
-    compile_it = trainer.compile and compiles(cfg)
+    compile_it = trainer.compile and compiles(job.model)
     evaluate = performance.DynamicBatch(model) if compile_it else model
     forward = evaluate
     if world.size > 1:
         forward = world.wrap(model, device)  # rank 0's weights on every rank
         forward = performance.DynamicBatch(forward) if compile_it else forward
         if not world.main:  # rank 0 draws on as one process would; the others draw apart (dropout masks)
-            seed_everything(distributed.rank_seed(cfg.seed, world.rank), trainer.deterministic)
+            seed_everything(distributed.rank_seed(job.seed, world.rank), trainer.deterministic)
     return RunParts(
         data=data, model=model, forward=forward, evaluate=evaluate, task=task, optimizer=optimizer,
-        predictor=predictor, scheduler=scheduler, device=device, settings=settings(trainer, channels_last),
-        seed=cfg.seed, world=world,
+        predictor=predictor, scheduler=scheduler, device=device, trainer=trainer, channels_last=channels_last,
+        seed=job.seed, world=world,
     )  # fmt: skip
 
 
@@ -185,34 +188,13 @@ def place_data(data: Any, cfg: DictConfig, device: torch.device) -> None:
                           "no `to` method); use data.on_device=auto or false")  # fmt: skip
 
 
-def compiles(cfg: DictConfig) -> bool:
+def compiles(model: schema.Model) -> bool:
     """Whether ``torch.compile`` captures the model's forward (``model.compiles``); says so in the log when not."""
-    if OmegaConf.select(cfg, "model.compiles", default=True):
+    if model.compiles:
         return True
     log.warning("trainer.compile=true: model=%s runs eagerly (model.compiles=false: dynamo breaks its graph at every "
-                "nn.LSTM, and compiling would only add the time of trying)", cfg.model.name)  # fmt: skip
+                "nn.LSTM, and compiling would only add the time of trying)", model.name)  # fmt: skip
     return False
-
-
-def uses_channels_last(cfg: DictConfig, device: torch.device) -> bool:
-    """Whether the run keeps weights and images channels-last on ``device`` (xgrad/performance.py)."""
-    convolutional = OmegaConf.select(cfg, "model.channels_last", default=False)
-    return performance.channels_last(cfg.trainer.channels_last, convolutional, device)
-
-
-def settings(trainer: DictConfig, channels_last: bool) -> Settings:
-    """The engine's settings from the ``trainer`` node, with channels-last as resolved for the device."""
-    return Settings(
-        epochs=trainer.epochs,
-        precision=str(trainer.precision),
-        limit_train_batches=trainer.limit_train_batches,
-        limit_val_batches=trainer.limit_val_batches,
-        grad_clip=trainer.grad_clip,
-        channels_last=channels_last,
-        log_every_n_steps=trainer.log_every_n_steps,
-        progress=trainer.progress,
-        checkpoint_every_n_steps=trainer.checkpoint_every_n_steps,
-    )
 
 
 def build(node: DictConfig, *args: Any, **kwargs: Any) -> Any:

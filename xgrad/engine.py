@@ -93,7 +93,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -107,27 +106,13 @@ from xgrad.distributed import Step, World
 from xgrad.loggers import RunLogger
 from xgrad.preemption import Interrupted, StopSignals
 from xgrad.running_loss import RunningLoss
+from xgrad.schema import Precision, Trainer
 
 log = logging.getLogger(__name__)
 
 
 class TrainingFailed(RuntimeError):
     """The run cannot go on (a non-finite loss); the message says at which step and why."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to train (the ``trainer`` config minus what the entry point handles when building)."""
-
-    epochs: int
-    precision: str = "32"  # "32" | "bf16" | "16"
-    limit_train_batches: int | None = None
-    limit_val_batches: int | None = None
-    grad_clip: float | None = None
-    channels_last: bool = False
-    log_every_n_steps: int = 10
-    progress: bool = True
-    checkpoint_every_n_steps: int | None = None  # also checkpoint mid-epoch every this many steps
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -159,7 +144,9 @@ class Engine:
     ``evaluate`` runs the evaluation batches (default: ``forward``), without
     DDP, whose wrapper neither needs nor has a model's own methods (a
     translation model's beam search). ``model`` is kept for plain state dicts.
-    ``checkpoint_extra`` is stored in every checkpoint as is (the entry point
+    ``trainer``: the config's typed ``trainer`` group (xgrad/schema.py);
+    ``channels_last``: whether batches go channels-last, as resolved for the
+    device (xgrad/performance.py). ``checkpoint_extra`` is stored in every checkpoint as is (the entry point
     keeps the config and the W&B id there). ``stop`` is read after every step:
     when it holds a signal, the engine checkpoints and raises
     :class:`xgrad.preemption.Interrupted` (None: never stops early). ``world``:
@@ -177,7 +164,8 @@ class Engine:
         predictor: Any | None,
         scheduler: Any | None,
         device: torch.device,
-        settings: Settings,
+        trainer: Trainer,
+        channels_last: bool,
         seed: int,
         run_dir: Path,
         logger: RunLogger,
@@ -190,11 +178,11 @@ class Engine:
         self.evaluate_with = evaluate if evaluate is not None else forward
         self.world = world if world is not None else World()
         self.optimizer, self.predictor, self.scheduler = optimizer, predictor, scheduler
-        self.device, self.settings, self.seed = device, settings, seed
+        self.device, self.trainer, self.channels_last, self.seed = device, trainer, channels_last, seed
         self.run_dir, self.logger, self.checkpoint_extra = run_dir, logger, checkpoint_extra
         self.stop = stop if stop is not None else StopSignals()  # a StopSignals not entered never requests a stop
         self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision is Precision.fp16)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -274,10 +262,10 @@ class Engine:
         self._started = time.perf_counter()
         self.logger.start(self.history)
         try:
-            for epoch in range(len(self.history), self.settings.epochs):
+            for epoch in range(len(self.history), self.trainer.epochs):
                 self._epoch(epoch)
                 self.save(self._wall())
-                reason = f"stopped after epoch {epoch + 1} of {self.settings.epochs}"
+                reason = f"stopped after epoch {epoch + 1} of {self.trainer.epochs}"
                 self.logger.write_summary(self.history, status="running", wall_time_s=self._wall(), reason=reason)
         except Interrupted as stopped:
             self.logger.write_summary(self.history, status="interrupted", wall_time_s=self._wall(), reason=str(stopped))
@@ -324,7 +312,7 @@ class Engine:
         self.history.append(self.world.from_rank_zero(lambda: record))  # rank 0's timings; the metrics agree
         self.logger.log_epoch(self.history, files)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in self.history[-1].items() if k.startswith(("train/", "val/", "test/")))
-        log.info("epoch %d/%d: %s", epoch + 1, self.settings.epochs, shown)
+        log.info("epoch %d/%d: %s", epoch + 1, self.trainer.epochs, shown)
 
     def _train(self, epoch: int) -> dict[str, Any]:
         """One pass over the training batches, from a mid-epoch checkpoint's position when there is one.
@@ -337,8 +325,8 @@ class Engine:
         self.forward.train()
         self.task.start_epoch(self.forward, training=True)
         total = self.data.num_train_batches()
-        if self.settings.limit_train_batches is not None:
-            total = min(total, self.settings.limit_train_batches)
+        if self.trainer.limit_train_batches is not None:
+            total = min(total, self.trainer.limit_train_batches)
         batches = islice(self.data.train_batches(epoch, self.seed), total)
         start = self.position if self.position is not None and self.position["epoch"] == epoch else None
         self.position = None
@@ -354,24 +342,24 @@ class Engine:
             else:  # stopped while evaluating: every batch has trained
                 log.info("resuming epoch %d with its %d training batches done: its evaluation is next", epoch + 1, total)
         started, earlier = time.perf_counter(), position["train_s"]
-        every = self.settings.checkpoint_every_n_steps
+        every = self.trainer.checkpoint_every_n_steps
 
         def now() -> dict[str, Any]:
             carried = self.task.state_dict() if hasattr(self.task, "state_dict") else None
             return position | {"train_s": earlier + time.perf_counter() - started, "task": carried}
 
-        description = f"epoch {epoch + 1}/{self.settings.epochs}"
+        description = f"epoch {epoch + 1}/{self.trainer.epochs}"
         running = RunningLoss(position["loss_sum"], position["samples"], self.step)
         with self._progress(description, total, position["batch"], position["samples"]) as progress:
             if (signal := self.world.stop_signal(self.stop.requested)) is not None:  # before the epoch's first step
                 self.save(self._wall(), position=now())
                 raise self.stop.interrupted(f"before batch {position['batch'] + 1} of epoch {epoch + 1}", signal)
             for batch in batches:
-                step = self.train_step(to_device(batch, self.device, self.settings.channels_last))
+                step = self.train_step(to_device(batch, self.device, self.channels_last))
                 running.add(step)
                 position["batch"] += 1
                 checkpoint_due = every is not None and self.step % every == 0 and position["batch"] < total
-                read_due = self.step % self.settings.log_every_n_steps == 0 or checkpoint_due
+                read_due = self.step % self.trainer.log_every_n_steps == 0 or checkpoint_due
                 signal = step.signal(wait=read_due)
                 if read_due or signal is not None:  # a checkpoint never holds a loss that was not checked
                     self._read(running, position, epoch, progress)
@@ -394,9 +382,9 @@ class Engine:
                 f"steps {reading.first_step}-{reading.last_step}"
             raise TrainingFailed(f"non-finite training loss ({reading.loss_sum / reading.samples}) at {steps} (epoch "
                                  f"{epoch + 1}; the loss is read every trainer.log_every_n_steps="
-                                 f"{self.settings.log_every_n_steps} steps)")  # fmt: skip
+                                 f"{self.trainer.log_every_n_steps} steps)")  # fmt: skip
         position["loss_sum"], position["samples"] = reading.loss_sum, reading.samples
-        if reading.last_step % self.settings.log_every_n_steps == 0:
+        if reading.last_step % self.trainer.log_every_n_steps == 0:
             self.logger.log_step(reading.last_step, {"train/loss": reading.window_loss})
         progress.show(reading.window_loss, reading.samples)
 
@@ -416,16 +404,16 @@ class Engine:
             loss, step = self.world.weigh(loss, n, self.stop)
             self.scaler.scale(loss).backward()
         self.step += 1
-        if self.settings.grad_clip is not None:
+        if self.trainer.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, self.trainer.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return step
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(self.settings.precision)
+        dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(self.trainer.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
@@ -435,8 +423,8 @@ class Engine:
         """
         self.evaluate_with.eval()
         self.task.start_epoch(self.evaluate_with, training=False)
-        limit = self.settings.limit_val_batches
-        on_device = (to_device(b, self.device, self.settings.channels_last) for b in self._stoppable(islice(batches, limit)))
+        limit = self.trainer.limit_val_batches
+        on_device = (to_device(b, self.device, self.channels_last) for b in self._stoppable(islice(batches, limit)))
         with torch.no_grad(), self._autocast():
             metrics = self.task.evaluate(self.evaluate_with, on_device)
         if self.task.metric not in metrics:
@@ -460,7 +448,7 @@ class Engine:
             TextColumn("{task.fields[rate]:,.0f} samples/s"),
             TimeElapsedColumn(),
         )
-        with Progress(*columns, disable=not self.settings.progress) as progress:
+        with Progress(*columns, disable=not self.trainer.progress) as progress:
             bar = progress.add_task(description, total=total, completed=completed, loss=float("nan"), rate=0.0)
             yield _Bar(progress, bar, samples)
 

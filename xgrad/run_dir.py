@@ -184,13 +184,15 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ the check
 
-    def check(self, cfg: DictConfig, saved: dict[str, Any] | None, world_size: int = 1) -> dict[str, Any] | None:
+    def check(self, cfg: DictConfig, saved: dict[str, Any] | None, world_size: int = 1,
+              trains: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
         """Refuse a start that may not train here (see the module); return the summary when the run is complete.
 
         ``saved`` is the checkpoint (:meth:`load_checkpoint`). A run that has
         already completed ``trainer.epochs`` epochs of this config is not
         trained again, with or without its checkpoint: its summary is returned.
         ``world_size``: the processes this start trains on (xgrad/distributed.py).
+        ``trains``: :func:`fingerprint` of ``cfg``, when the caller has it.
         """
         record = self._record()
         if record is not None:
@@ -206,7 +208,7 @@ class RunDirectory:
             )
         else:
             return None  # nothing has trained here
-        self._same_config(before, fingerprint(cfg))
+        self._same_config(before, trains if trains is not None else fingerprint(cfg))
         self._same_shares(saved, world_size)
         epochs = cfg.trainer.epochs
         if saved is not None and saved["epoch"] > epochs:
@@ -275,11 +277,14 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ an accepted start
 
-    def accept(self, cfg: DictConfig) -> None:
-        """Record the accepted start: remove temporary files left by a killed run, write ``run.json`` and ``.hydra/``."""
+    def accept(self, cfg: DictConfig, trains: dict[str, Any] | None = None) -> None:
+        """Record the accepted start: remove temporary files left by a killed run, write ``run.json`` and ``.hydra/``.
+
+        ``trains``: :func:`fingerprint` of ``cfg``, when the caller has it.
+        """
         for folder in (self.path, self.checkpoint_file.parent):
             atomic.remove_temporaries(folder)
-        record = {"config": fingerprint(cfg), "epochs": cfg.trainer.epochs}
+        record = {"config": trains if trains is not None else fingerprint(cfg), "epochs": cfg.trainer.epochs}
         atomic.write_text(self.record_file, json.dumps(record, indent=2, default=str) + "\n")
         hydra = HydraConfig.instance().cfg if HydraConfig.initialized() else None
         subdir = self.path / ".hydra"  # Hydra's own copy is off (conf/config.yaml: hydra.output_subdir null)

@@ -26,7 +26,8 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional
+from enum import Enum
+from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -96,11 +97,18 @@ PRECISION = Rule(lambda v: not isinstance(v, bool) and str(v) in ("32", "bf16", 
 AUTO_OR_BOOLEAN = Rule(lambda v: v == "auto" or isinstance(v, bool), "auto, true or false")
 
 
-def key(default: Any, rule: Rule) -> Any:
-    """A schema field: its default (a list or dict default is copied per instance) and its rule."""
+def key(default: Any, rule: Rule, *, trained: bool | tuple[str, ...] = True) -> Any:
+    """A schema field: its default (a list or dict default is copied per instance) and its rule.
+
+    ``trained=False`` marks a key that says where or how a run runs, not what it
+    trains (a resume may change it; a run directory's name leaves it out); a
+    tuple names such keys inside a free node (``data.module``'s ``num_workers``).
+    :func:`not_trained` collects the marks.
+    """
+    metadata = {"rule": rule, "trained": trained}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"rule": rule})
-    return field(default=default, metadata={"rule": rule})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def constant(value: str) -> Any:
@@ -108,26 +116,45 @@ def constant(value: str) -> Any:
     return key(value, one_of(value))
 
 
+class Precision(Enum):
+    """``trainer.precision``: float32, or autocast to bfloat16 or float16 (with a gradient scaler)."""
+
+    fp32 = 32
+    bf16 = "bf16"
+    fp16 = 16
+
+    def __str__(self) -> str:
+        return str(self.value)  # as the config writes it: 32, bf16, 16
+
+
+#: ``auto`` or a boolean (OmegaConf types a union of primitives; the rule refuses other strings)
+AutoOrBool = Union[bool, str]
+
+
 # ---------------------------------------------------------------------- groups
+# Keys marked ``trained=False`` say where and how a run runs, not what it trains: the hardware and its use
+# (xgrad/performance.py: they change the last bits of a GPU's arithmetic or which random numbers a GPU draws,
+# never what is trained, and a CPU run not at all), how long it goes on, what it prints and where it logs.
 
 
 @dataclass
 class Trainer:
-    epochs: int = key(5, integer(1))
-    device: str = key("auto", DEVICE)
-    num_threads: Optional[int] = key(None, optional(integer(1)))
-    precision: Any = key(32, PRECISION)
+    epochs: int = key(5, integer(1), trained=False)  # a longer run trains on from the shorter one's checkpoint
+    device: str = key("auto", DEVICE, trained=False)
+    num_threads: Optional[int] = key(None, optional(integer(1)), trained=False)
+    precision: Precision = key(Precision.fp32, PRECISION)
     limit_train_batches: Optional[int] = key(None, optional(integer(1)))
     limit_val_batches: Optional[int] = key(None, optional(integer(1)))
     grad_clip: Optional[float] = key(None, optional(number(0)))
-    channels_last: Any = key("auto", AUTO_OR_BOOLEAN)
-    tf32: bool = key(True, BOOLEAN)
-    compile: bool = key(False, BOOLEAN)
+    channels_last: AutoOrBool = key("auto", AUTO_OR_BOOLEAN, trained=False)
+    tf32: bool = key(True, BOOLEAN, trained=False)
+    compile: bool = key(False, BOOLEAN, trained=False)
     deterministic: bool = key(False, BOOLEAN)
-    log_every_n_steps: int = key(10, integer(1))
-    progress: bool = key(True, BOOLEAN)
-    checkpoint_every_n_steps: Optional[int] = key(None, optional(integer(1)))
-    sync_batchnorm: bool = key(False, BOOLEAN)
+    log_every_n_steps: int = key(10, integer(1), trained=False)
+    progress: bool = key(True, BOOLEAN, trained=False)
+    checkpoint_every_n_steps: Optional[int] = key(None, optional(integer(1)), trained=False)
+    # how the ranks normalise, like how many ranks there are, may change between sessions
+    sync_batchnorm: bool = key(False, BOOLEAN, trained=False)
 
 
 @dataclass
@@ -250,10 +277,10 @@ class Data:
 
     name: str = key("", TEXT)
     modality: str = key("", TEXT)
-    root: Optional[str] = key(None, optional(TEXT))
+    root: Optional[str] = key(None, optional(TEXT), trained=False)
     batch_size: int = key(128, integer(1))
     eval_batch_size: int = key(1000, integer(1))
-    module: dict[str, Any] = key({}, ANYTHING)
+    module: dict[str, Any] = key({}, ANYTHING, trained=("num_workers",))
 
 
 @dataclass
@@ -262,7 +289,7 @@ class ImageData(Data):
     channels: int = key(1, integer(1))
     image_size: int = key(28, integer(1))
     num_classes: int = key(10, integer(2))
-    on_device: Any = key("auto", AUTO_OR_BOOLEAN)
+    on_device: AutoOrBool = key("auto", AUTO_OR_BOOLEAN, trained=False)
 
 
 @dataclass
@@ -270,7 +297,7 @@ class TextData(Data):
     modality: str = constant("text")
     vocab_size: int = key(10000, integer(2))
     bptt: int = key(70, integer(1))
-    on_device: Any = key("auto", AUTO_OR_BOOLEAN)
+    on_device: AutoOrBool = key("auto", AUTO_OR_BOOLEAN, trained=False)
 
 
 @dataclass
@@ -286,8 +313,9 @@ class Model:
 
     name: str = key("", TEXT)
     input: str = key("", TEXT)
-    channels_last: bool = key(False, BOOLEAN)  # a convolutional network: channels-last pays on GPUs
-    compiles: bool = key(True, BOOLEAN)  # torch.compile captures its forward (false: trainer.compile runs it eagerly)
+    channels_last: bool = key(False, BOOLEAN, trained=False)  # a convolutional network: channels-last pays on GPUs
+    # torch.compile captures its forward (false: trainer.compile runs it eagerly)
+    compiles: bool = key(True, BOOLEAN, trained=False)
     net: dict[str, Any] = key({}, ANYTHING)
     task: dict[str, Any] = key({}, ANYTHING)
 
@@ -302,7 +330,7 @@ class Config:
     xgrad: Any = None
     scheduler: Any = None
     trainer: Any = None
-    logger: Any = None
+    logger: Any = field(default=None, metadata={"trained": False})  # where the run logs
     seed: int = key(0, SEED)
     scale: Optional[str] = key(None, optional(TEXT))  # a protocol's size label (paper, quick, ...)
     paper_epochs: Optional[int] = key(None, optional(integer(1)))  # the paper schedule's length, when shorter
@@ -329,6 +357,20 @@ for _group, (_, _options) in GROUPS.items():
         _store.store(group=f"schema/{_group}", name=_name, node=_schema)
 
 
+def not_trained() -> tuple[str, ...]:
+    """Every dotted key marked ``trained=False`` (:func:`key`), over the root and every option of every group."""
+    marked = [f.name for f in fields(Config) if f.metadata.get("trained") is False]
+    for group, (_, options) in GROUPS.items():
+        for _, schema in options.values():
+            for f in fields(schema):
+                mark = f.metadata.get("trained", True)
+                if mark is False:
+                    marked.append(f"{group}.{f.name}")
+                elif isinstance(mark, tuple):
+                    marked.extend(f"{group}.{f.name}.{inner}" for inner in mark)
+    return tuple(dict.fromkeys(marked))  # each once, in the order of the schema
+
+
 def _stored(path: str) -> DictConfig:
     return OmegaConf.create(_store.load(f"schema/{path}.yaml").node)  # a copy: the stored node stays as it is
 
@@ -336,8 +378,11 @@ def _stored(path: str) -> DictConfig:
 # ---------------------------------------------------------------------- the check
 
 
-def check(cfg: DictConfig) -> None:
-    """Refuse (:class:`ConfigError`, one line) any key the schema lacks and any value its rule does not allow."""
+def check(cfg: DictConfig) -> Config:
+    """The config as its typed object (:class:`Config`, each group an instance of its option's dataclass).
+
+    Refuses (:class:`ConfigError`, one line) any key the schema lacks and any value its rule does not allow.
+    """
     schema, chosen = _stored("config"), {}
     for group, (selector, options) in GROUPS.items():
         if group not in cfg:
@@ -358,6 +403,7 @@ def check(cfg: DictConfig) -> None:
     except OmegaConfBaseException as error:  # an interpolation that does not resolve
         raise ConfigError(f"{_shown(cfg, error.full_key)}: {_first_line(error)}") from None
     _apply_rules(typed, OmegaConf.to_container(cfg, resolve=True), "")
+    return typed
 
 
 def _apply_rules(obj: Any, given: Any, prefix: str) -> None:

@@ -49,7 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xgrad import checkpoint, distributed, hardware, performance, preemption, schema
 from xgrad.atomic import WriteFailed
-from xgrad.builder import build_run
+from xgrad.builder import RunParts, build_run
 from xgrad.checkpoint import UnreadableCheckpoint
 from xgrad.data.base import DatasetMissingError
 from xgrad.distributed import Launch, LaunchRefused, RankFailed, World
@@ -80,8 +80,8 @@ class JobFailed(CompactHydraException):
 # ---------------------------------------------------------------------- checks
 
 
-def validate(cfg: DictConfig, where: Launch = Launch()) -> None:
-    """Refuse a config that cannot run, before anything is built.
+def validate(cfg: DictConfig, where: Launch = Launch()) -> schema.Config:
+    """The config as its typed object (xgrad/schema.py); refuses a config that cannot run, before anything is built.
 
     A model that does not consume the data's modality first (its interpolations
     of the data's keys could not resolve), then the schema, then the device,
@@ -94,9 +94,9 @@ def validate(cfg: DictConfig, where: Launch = Launch()) -> None:
             f"model={OmegaConf.select(cfg, 'model.name')} takes model.input={model_input} but "
             f"data={OmegaConf.select(cfg, 'data.name')} is data.modality={modality}"
         )
-    schema.check(cfg)
+    job = schema.check(cfg)
     check_environment(cfg)
-    device = resolve_device(cfg.trainer.device, where)
+    device = resolve_device(job.trainer.device, where)
     ranks = where.world_size
     if ranks > 1 and cfg.data.batch_size % ranks:
         raise ConfigError(
@@ -108,6 +108,7 @@ def validate(cfg: DictConfig, where: Launch = Launch()) -> None:
             f"trainer.sync_batchnorm=true: synchronised batch norm needs CUDA devices (nccl); on the {device.type} "
             "each process normalises over its own share of the batch"
         )
+    return job
 
 
 def check_environment(cfg: DictConfig) -> None:
@@ -236,76 +237,104 @@ def start_wandb(cfg: DictConfig, run_dir: Path, identity: dict[str, Any], run_id
     )
 
 
+@dataclasses.dataclass
+class Start:
+    """What a start of a run found in its directory, decided by rank 0 under the directory's lock."""
+
+    fingerprint: dict[str, Any]  # what the config trains (xgrad/run_dir.py), computed once per start
+    checkpoint: dict[str, Any] | None = None  # this rank's checkpoint to resume from (None: from the start)
+    completed: dict[str, Any] | None = None  # the summary of a run with nothing left to train
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one composed config into ``run_dir`` (default: Hydra's output dir); return the summary.
 
-    Order matters: the config is checked, then the run directory is locked and
-    its record and checkpoint are checked against the config, then everything
-    is built; only then is anything written (but the lock file), so a refused
-    start leaves the directory as it was. The lock is held until the run ends.
-
-    With several ranks (xgrad/distributed.py), rank 0 decides the directory,
-    locks, checks and writes it; the others read its checkpoint once rank 0
-    has accepted it. A rank that refuses or fails to start stops every rank.
+    The steps, in this order: check the config, open (and lock) the run
+    directory, plan the resume against what it holds, build the parts, record
+    the accepted start, fit. Nothing is written before the start is accepted
+    (but the lock file), so a refused start leaves the directory as it was;
+    the lock is held until the run ends. With several ranks
+    (xgrad/distributed.py), rank 0 decides the directory, locks, checks and
+    writes it; a rank that refuses or fails to start stops every rank.
     """
     where = distributed.launch()
-    validate(cfg, where)
-    trainer = cfg.trainer
-    device = resolve_device(trainer.device, where)
+    job = validate(cfg, where)
+    device = resolve_device(job.trainer.device, where)
     world = distributed.start(where, device)
-    here = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
-    run_dir = world.from_rank_zero(lambda: here)  # Hydra's ${now:...} may have named another second on another rank
-    directory = RunDirectory(run_dir)
+    directory = open_run_dir(run_dir, world)
     with contextlib.ExitStack() as held:
-        found: dict[str, Any] = {}
-
-        def examine() -> tuple[bool, dict[str, Any] | None]:
-            held.enter_context(directory)  # the lock, until the run ends
-            found["saved"] = directory.load_checkpoint()
-            return found["saved"] is not None, directory.check(cfg, found["saved"], world.size)
-
-        resumes, done = world.from_rank_zero(examine)
-        if done is not None:
-            log.info("%s has completed its %s epochs: nothing to train", run_dir, done["epochs"])
-            return done
-
-        def checkpoint_to_resume() -> dict[str, Any] | None:
-            if world.main:
-                return found["saved"]
-            return directory.load_checkpoint() if resumes else None  # the file rank 0 has checked, under its lock
-
-        saved = world.on_every_rank(checkpoint_to_resume)
+        world.from_rank_zero(lambda: held.enter_context(directory))  # the lock, until the run ends
+        start = plan_resume(directory, cfg, world)
+        if start.completed is not None:
+            log.info("%s has completed its %s epochs: nothing to train", directory.path, start.completed["epochs"])
+            return start.completed
         parts = build_run(cfg, device, world)
-        if saved is not None:
-            checkpoint.check_fits(directory.checkpoint_file, saved, parts.model, parts.optimizer)
-        parts.settings = dataclasses.replace(parts.settings, progress=trainer.progress and world.main)
-        identity = describe(cfg, parts.task, parts.data, device, world, parts.model)
-        world.from_rank_zero(lambda: directory.accept(cfg))
-        wandb_run = None
-        if cfg.logger.name == "wandb" and world.main:
-            wandb_run = start_wandb(cfg, run_dir, identity, saved["wandb_id"] if saved else None)
-        logger = RunLogger(run_dir, identity, wandb_run, writes=world.main)
-        with StopSignals() as stop:
+        if start.checkpoint is not None:
+            checkpoint.check_fits(directory.checkpoint_file, start.checkpoint, parts.model, parts.optimizer)
+        parts.trainer = dataclasses.replace(parts.trainer, progress=job.trainer.progress and world.main)
+        world.from_rank_zero(lambda: directory.accept(cfg, start.fingerprint))
+        summary = fit(cfg, parts, directory, start)
+    log.info("%s: best val/%s %s (epoch %s), final %s", summary["status"], parts.task.metric, summary["best"],
+             summary["best_epoch"], summary["final"])  # fmt: skip
+    return summary
+
+
+def open_run_dir(run_dir: str | Path | None, world: World) -> RunDirectory:
+    """The run directory: ``run_dir``, else Hydra's output dir as rank 0 names it (``${now:...}`` may differ by a
+    second between ranks)."""
+    here = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
+    return RunDirectory(world.from_rank_zero(lambda: here))
+
+
+def plan_resume(directory: RunDirectory, cfg: DictConfig, world: World) -> Start:
+    """Rank 0 reads the checkpoint and checks it and the directory's record against the config
+    (:meth:`xgrad.run_dir.RunDirectory.check`); the other ranks then read the file it accepted."""
+    start = Start(fingerprint(cfg))
+
+    def examine() -> tuple[bool, dict[str, Any] | None]:
+        start.checkpoint = directory.load_checkpoint()
+        return start.checkpoint is not None, directory.check(cfg, start.checkpoint, world.size, start.fingerprint)
+
+    resumes, start.completed = world.from_rank_zero(examine)  # only whether there is one: not the file itself
+    if start.completed is None:
+        start.checkpoint = world.on_every_rank(
+            lambda: start.checkpoint if world.main else directory.load_checkpoint() if resumes else None
+        )
+    return start
+
+
+def fit(cfg: DictConfig, parts: RunParts, directory: RunDirectory, start: Start) -> dict[str, Any]:
+    """Train the parts into the directory (from the checkpoint, when there is one); the summary says how it ended.
+
+    A signal leaves an ``interrupted`` summary (every rank leaves once rank 0
+    has written it: a launcher stops the others when one exits), any other
+    exception a ``failed`` one.
+    """
+    world = parts.world
+    identity = describe(cfg, parts.task, parts.data, parts.device, world, parts.model)
+    saved = start.checkpoint
+    wandb_run = None
+    if cfg.logger.name == "wandb" and world.main:
+        wandb_run = start_wandb(cfg, directory.path, identity, saved["wandb_id"] if saved else None)
+    logger = RunLogger(directory.path, identity, wandb_run, writes=world.main)
+    with StopSignals() as stop:
+        try:
+            checkpoint_extra = {"config": start.fingerprint, "wandb_id": wandb_run.id if wandb_run else None}
+            engine = parts.engine(directory.path, logger, checkpoint_extra, stop)
+            if saved is not None:
+                engine.load(saved)
+                log.info("resuming %s after epoch %d", directory.path, saved["epoch"])
+            summary = engine.fit()
+        except Interrupted:
             try:
-                checkpoint_extra = {"config": fingerprint(cfg), "wandb_id": wandb_run.id if wandb_run else None}
-                engine = parts.engine(run_dir, logger, checkpoint_extra, stop)
-                if saved is not None:
-                    engine.load(saved)
-                    log.info("resuming %s after epoch %d", run_dir, saved["epoch"])
-                summary = engine.fit()
-            except Interrupted:
-                try:
-                    logger.finish("interrupted")
-                finally:  # every rank leaves once rank 0 has written: a launcher stops the others when one exits
-                    world.barrier()
-                raise
-            except BaseException:
-                logger.finish("failed")
-                raise
-        logger.finish("completed")
-    best, final = summary["best"], summary["final"]
-    log.info("%s: best val/%s %s (epoch %s), final %s", summary["status"], parts.task.metric, best, summary["best_epoch"],
-             final)  # fmt: skip
+                logger.finish("interrupted")
+            finally:
+                world.barrier()
+            raise
+        except BaseException:
+            logger.finish("failed")
+            raise
+    logger.finish("completed")
     return summary
 
 

@@ -4,7 +4,8 @@ Two places ask "is this the same training run?": a run directory, before it
 lets a start resume it (:mod:`xgrad.run_dir`), and the reports, before they put
 two runs in one cell (:mod:`xgrad.report.runs`). Both must ignore the same
 keys — a run resumed on another device, with more threads or a longer
-``trainer.epochs`` trains the same thing — so the list lives here, in a module
+``trainer.epochs`` trains the same thing. The schema marks those keys on their
+fields (``trained=False``, xgrad/schema.py); both read them here, in a module
 light enough for the reports to import without torch. A third place is the
 name of a figure's run directories (conf/sweep/figure.yaml): it leaves out the
 same keys, through the ``xgrad_not_trained`` resolver (:func:`not_trained_keys`),
@@ -15,27 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-#: Keys that may differ between two starts of one run: where and how it runs, not what it trains.
-RESUME_IGNORES = (
-    "trainer.epochs",
-    "trainer.device",
-    "trainer.num_threads",
-    "trainer.progress",
-    "trainer.log_every_n_steps",
-    "trainer.checkpoint_every_n_steps",
-    "trainer.sync_batchnorm",  # how the ranks normalise, like how many ranks there are, may change between sessions
-    # how the hardware is used (xgrad/performance.py): like the device, they change the last bits of a GPU's
-    # arithmetic or which random numbers a GPU draws, never what is trained, and a CPU run not at all
-    "trainer.channels_last",
-    "trainer.tf32",
-    "trainer.compile",
-    "model.channels_last",
-    "model.compiles",
-    "data.on_device",
-    "data.module.num_workers",
-    "logger",
-    "data.root",
-)
+from xgrad.schema import not_trained
+
+#: Keys that may differ between two starts of one run: where and how it runs, not what it trains, as the schema
+#: marks them (``trained=False`` on the field, xgrad/schema.py)
+RESUME_IGNORES = not_trained()
 
 
 def is_ignored(key: str) -> bool:
