@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-from xgrad.distributed import one_line
+from xgrad.messages import first_line
 from xgrad.report.tables import markdown_table
 from xgrad.train import CONF_DIR, run
 
@@ -98,7 +98,7 @@ def check(model: str, precision: str, compiled: bool, args: argparse.Namespace, 
         outcome = {"status": "ok", "loss": f"{line['train/loss']:.4f}"}
     except Exception as error:  # noqa: BLE001 -- every check runs; the table says which failed and why
         traceback.print_exc()
-        outcome = {"status": "FAILED", "loss": one_line(error)}
+        outcome = {"status": "FAILED", "loss": first_line(error)}
     return {"model": model, "precision": precision, "compiled": compiled, "seconds": time.perf_counter() - started,
             **outcome}  # fmt: skip
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from xgrad import distributed, performance
 from xgrad.data.base import DatasetMissingError
-from xgrad.distributed import World, one_line
+from xgrad.distributed import World
+from xgrad.messages import first_line
 from xgrad.engine import Engine
 from xgrad.loggers import RunLogger
 from xgrad.preemption import StopSignals
@@ -212,7 +213,7 @@ def build(node: DictConfig, *args: Any, **kwargs: Any) -> Any:
         if isinstance(cause, (DatasetMissingError, ConfigError)):
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):
-            raise ConfigError(f"{node.get('_target_', 'the config')}: {one_line(cause)}") from cause
+            raise ConfigError(f"{node.get('_target_', 'the config')}: {first_line(cause)}") from cause
         raise
 
 
@@ -221,7 +222,7 @@ def call(what: str, factory: Callable[..., Any], *args: Any) -> Any:
     try:
         return factory(*args)
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"{what}: {one_line(error)}") from error
+        raise ConfigError(f"{what}: {first_line(error)}") from error
 
 
 def constructor(node: DictConfig) -> DictConfig:
@@ -245,4 +246,4 @@ def build_predictor(cfg: DictConfig, optimizer: torch.optim.Optimizer):
             optimizer, steps=cfg.xgrad.steps, rule=cfg.xgrad.rule, decoupled_decay=cfg.xgrad.decoupled_decay
         )
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"optimizer={cfg.optimizer.name} xgrad.rule={cfg.xgrad.rule}: {one_line(error)}") from None
+        raise ConfigError(f"optimizer={cfg.optimizer.name} xgrad.rule={cfg.xgrad.rule}: {first_line(error)}") from None

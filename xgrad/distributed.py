@@ -49,6 +49,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xgrad.messages import first_line
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -178,7 +180,7 @@ class World:
             try:
                 outcome = [(action(), None)]
             except Exception as raised:  # noqa: BLE001 -- whatever it is, the other ranks must hear of it
-                error, outcome = raised, [(None, one_line(raised))]
+                error, outcome = raised, [(None, first_line(raised))]
         dist.broadcast_object_list(outcome, src=0)
         value, message = outcome[0]
         if error is not None:
@@ -202,7 +204,7 @@ class World:
         except Exception as raised:  # noqa: BLE001
             error = raised
         messages: list[Any] = [None] * self.size
-        dist.all_gather_object(messages, None if error is None else one_line(error))
+        dist.all_gather_object(messages, None if error is None else first_line(error))
         if error is not None:
             raise error
         failed = next((rank for rank, message in enumerate(messages) if message is not None), None)
@@ -292,8 +294,3 @@ def start(where: Launch, device: torch.device) -> World:
     log.info("rank %d of %d (%s, %s)", where.rank, where.world_size, backend, device)
     return World(where.rank, where.world_size, backend)
 
-
-def one_line(error: BaseException) -> str:
-    """An exception's first line (its type's name when it has no message)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -51,6 +51,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from xgrad import atomic
+from xgrad.messages import with_type
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 REACH_TIMEOUT_S = 5.0
 
 
-def _finite(value: Any) -> bool:
+def _is_finite(value: Any) -> bool:
     """A real number that is not NaN or infinite (a diverged epoch never becomes "best")."""
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -66,11 +67,6 @@ def _finite(value: Any) -> bool:
 def _json_value(value: Any) -> Any:
     """JSON has no NaN/inf: a diverged value is written as null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def wandb_base_url() -> str:
@@ -251,13 +247,13 @@ class WandbRun:
             return cls(wandb.init(mode=mode, id=run_id or new_run_id(), **init), group, job_type, deadline)
         except Exception as error:  # noqa: BLE001 -- any failure to start W&B
             if mode != "online":
-                log.warning("W&B could not start (%s); training goes on without it", _one_line(error))
+                log.warning("W&B could not start (%s); training goes on without it", with_type(error))
                 return None
-            log.warning("W&B online start failed (%s); logging offline under a new run id instead", _one_line(error))
+            log.warning("W&B online start failed (%s); logging offline under a new run id instead", with_type(error))
         try:
             return cls(wandb.init(mode="offline", id=new_run_id(), **init), group, job_type, deadline)
         except Exception as error:  # noqa: BLE001
-            log.warning("W&B could not start offline either (%s); training goes on without it", _one_line(error))
+            log.warning("W&B could not start offline either (%s); training goes on without it", with_type(error))
             return None
 
     def _define_metrics(self) -> None:
@@ -276,7 +272,7 @@ class WandbRun:
             log.warning(
                 "W&B failed while %s (%s); training goes on without W&B, the run directory has every result",
                 doing,
-                _one_line(error),
+                with_type(error),
             )
             self.run = None
 
@@ -383,9 +379,9 @@ class RunLogger:
         metric, mode = self.identity["metric"], self.identity["mode"]
         pick = max if mode == "max" else min
         val_key, test_key = f"val/{metric}", f"test/{metric}"
-        scored = [r for r in history if _finite(r.get(val_key))]
+        scored = [r for r in history if _is_finite(r.get(val_key))]
         selected = pick(scored, key=lambda r: r[val_key]) if scored else {}
-        tests = [r[test_key] for r in history if _finite(r.get(test_key))]
+        tests = [r[test_key] for r in history if _is_finite(r.get(test_key))]
         summary = {
             **self.identity,
             "best": selected.get(val_key),

@@ -106,7 +106,9 @@ class RunDirectory:
 
         On a file system without locks (a network file system mounted without
         them) the run goes on unlocked, with a warning: refusing would make the
-        directory unusable, not safer.
+        directory unusable, not safer. (``filelock`` falls back there to a lock
+        file's existence, which a killed run would leave behind: so ``flock`` by
+        hand, the holder's PID written into the file it locks.)
         """
         try:
             self.path.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from xgrad.messages import first_line
+
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the key and the value and says what is allowed."""
@@ -46,30 +48,30 @@ class Rule:
     text: str
 
 
-def _number(value: Any) -> bool:
+def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _integer(value: Any) -> bool:
+def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def integer(low: int) -> Rule:
-    return Rule(lambda v: _integer(v) and v >= low, f"an integer >= {low}")
+    return Rule(lambda v: _is_integer(v) and v >= low, f"an integer >= {low}")
 
 
 def number(low: float = 0.0, *, above: bool = True) -> Rule:
     """A finite number ``> low`` (``above``) or ``>= low``."""
     if above:
-        return Rule(lambda v: _number(v) and v > low, f"a finite number > {low:g}")
-    return Rule(lambda v: _number(v) and v >= low, f"a finite number >= {low:g}")
+        return Rule(lambda v: _is_number(v) and v > low, f"a finite number > {low:g}")
+    return Rule(lambda v: _is_number(v) and v >= low, f"a finite number >= {low:g}")
 
 
 NON_NEGATIVE = number(0, above=False)
 #: a learning rate: finite and at most 1000 (SGD on the PTB LSTMs uses 30; 1e308 only overflows the first update)
-LEARNING_RATE = Rule(lambda v: _number(v) and 0 <= v <= 1e3, "a finite number in [0, 1000]")
+LEARNING_RATE = Rule(lambda v: _is_number(v) and 0 <= v <= 1e3, "a finite number in [0, 1000]")
 #: what every generator a run seeds accepts: NumPy's seeds are 32-bit
-SEED = Rule(lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32 - 1] (NumPy's seed range)")
+SEED = Rule(lambda v: _is_integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32 - 1] (NumPy's seed range)")
 
 
 def one_of(*values: str) -> Rule:
@@ -84,11 +86,11 @@ BOOLEAN = Rule(lambda v: isinstance(v, bool), "true or false")
 TEXT = Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")
 ANYTHING = Rule(lambda v: True, "any value")
 BETAS = Rule(
-    lambda v: isinstance(v, list) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+    lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
     "two numbers in [0, 1)",
 )
 MILESTONES = Rule(
-    lambda v: isinstance(v, list) and all(_integer(m) and m >= 1 for m in v) and all(a < b for a, b in zip(v, v[1:])),
+    lambda v: isinstance(v, list) and all(_is_integer(m) and m >= 1 for m in v) and all(a < b for a, b in zip(v, v[1:])),
     "a list of increasing integers >= 1 (epochs after which the rate is multiplied by gamma)",
 )
 DEVICE = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
@@ -188,7 +190,7 @@ class RMSprop:
     _target_: str = constant("torch.optim.RMSprop")
     _partial_: bool = key(True, BOOLEAN)
     lr: float = key(1e-3, LEARNING_RATE)
-    alpha: float = key(0.99, Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"))
+    alpha: float = key(0.99, Rule(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"))
     eps: float = key(1e-8, NON_NEGATIVE)
     momentum: float = key(0.0, NON_NEGATIVE)
     centered: bool = key(False, BOOLEAN)
@@ -401,7 +403,7 @@ def check(cfg: DictConfig) -> Config:
     except ValidationError as error:
         raise ConfigError(f"{_shown(cfg, error.full_key)}: must be {_rule_at(chosen, error.full_key).text}") from None
     except OmegaConfBaseException as error:  # an interpolation that does not resolve
-        raise ConfigError(f"{_shown(cfg, error.full_key)}: {_first_line(error)}") from None
+        raise ConfigError(f"{_shown(cfg, error.full_key)}: {first_line(getattr(error, 'msg', None) or error)}") from None
     _apply_rules(typed, OmegaConf.to_container(cfg, resolve=True), "")
     return typed
 
@@ -465,7 +467,3 @@ def _unknown_key(cfg: DictConfig, path: str, chosen: dict[str, tuple[str, type]]
     keys = f"; its keys: {', '.join(allowed)}" if allowed else ""
     return f"{_shown(cfg, path)}: not a key of {where}{hint}{keys}"
 
-
-def _first_line(error: OmegaConfBaseException) -> str:
-    text = getattr(error, "msg", None) or str(error)
-    return text.strip().splitlines()[0]
