@@ -78,7 +78,7 @@ def test_two_ranks_train_what_one_process_trains(two_ranks, train_run, arm):
     assert (summary(together)["world_size"], summary(together)["backend"]) == (2, "gloo")
     assert (summary(alone)["world_size"], summary(alone)["backend"]) == (1, None)
     saved = checkpoint.load(together / "checkpoints" / "last.pt")
-    assert saved["world_size"] == 2 and len(saved["ranks"]) == 2  # every rank's random state, in rank 0's file
+    assert saved.world_size == 2 and len(saved.ranks) == 2  # every rank's random state, in rank 0's file
 
 
 def test_the_slurm_launchers_tasks_join_one_run(two_ranks):
@@ -102,15 +102,15 @@ def test_two_ranks_stopped_mid_epoch_and_rerun_end_as_the_uninterrupted_run(two_
     assert first.returncode != 0 and "exitcode  : 143" in first.stderr, first.stderr[-3000:]
     assert summary(run_dir)["reason"].startswith("stopped by SIGTERM after batch 10 of 30 in epoch 1")
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-    assert (saved["step"], saved["position"]["batch"], len(saved["ranks"])) == (10, 10, 2)
-    assert saved["position"]["samples"] == 10 * 32  # each rank trained on its 16 of every 32
+    assert (saved.step, saved.position["batch"], len(saved.ranks)) == (10, 10, 2)
+    assert saved.position["samples"] == 10 * 32  # each rank trained on its 16 of every 32
 
     # rank 1's Hydra names another folder (as ${now:...} may): it still resumes rank 0's run
     second = launch(command, tmp_path, SIGNAL_RANK="0", SIGNAL_AT_STEP="30", SIGNAL_TO="parent",
                     OTHER_RUN_DIR=str(elsewhere))  # fmt: skip
     assert second.returncode != 0 and summary(run_dir)["status"] == "interrupted", second.stderr[-3000:]
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-    assert saved["epoch"] == 1 and 10 <= saved["position"]["batch"] < 30  # 20 steps of epoch 1, then into epoch 2
+    assert saved.epoch == 1 and 10 <= saved.position["batch"] < 30  # 20 steps of epoch 1, then into epoch 2
     assert {path.name for path in elsewhere.iterdir()} <= {"train.log"}  # nothing of the run's was written there
 
     third = launch([*TORCHRUN, "-m", "xgrad.train", *ARGS, "xgrad=on", f"hydra.run.dir={run_dir}"], tmp_path)
@@ -259,15 +259,20 @@ def test_what_the_ranks_cannot_share_is_refused_before_training(compose_config, 
 
 def test_a_mid_epoch_checkpoint_with_carried_state_resumes_on_as_many_ranks_only(compose_config, tmp_path):
     """A language model's mid-epoch checkpoint holds each rank's hidden state for its own columns."""
+    from xgrad.records import Checkpoint
+
     cfg = compose_config("data=ptb", "model=lstm1")
     directory = RunDirectory(tmp_path)
     directory.accept(cfg)
     config = fingerprint(cfg)  # what the entry point stores in every checkpoint
-    saved = {"epoch": 0, "position": {"batch": 3, "task": {"state": None}}, "world_size": 2, "config": config}
+    engine_state = {"model": {}, "optimizer": {}, "scaler": {}, "rng": {}, "step": 3, "history": [], "elapsed_s": 0.0}
+    saved = Checkpoint.from_dict({**engine_state, "epoch": 0, "position": {"batch": 3, "task": {"state": None}},
+                                  "world_size": 2, "config": config}, "it")  # fmt: skip
     assert directory.check(cfg, saved, world_size=2) is None
     with pytest.raises(RunDirRefused, match=r"by 2 process\(es\), .* continue it on 2 process\(es\) \(this start has 1\)"):
         directory.check(cfg, saved, world_size=1)
-    at_epoch_end = {"epoch": 1, "position": None, "world_size": 2, "config": config}
+    at_epoch_end = Checkpoint.from_dict({**engine_state, "epoch": 1, "position": None, "world_size": 2,
+                                         "config": config}, "it")  # fmt: skip
     assert directory.check(cfg, at_epoch_end, world_size=3) is None  # batches are global: any number of ranks
 
 

@@ -46,7 +46,7 @@ def test_two_steps_with_and_without_prediction(train_run, optimizer):
         assert result["status"] == "completed" and result["optimizer"] == optimizer
         assert result["best"] == result["final"] == line["val/acc"]
         assert 0 <= result["test/acc"] <= 100 and result["test/acc5"] >= result["test/acc"]
-        assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+        assert checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch == 1
     assert (summary(base)["xgrad"], summary(base)["steps"]) == (False, 0)
     assert (summary(predicted)["xgrad"], summary(predicted)["steps"]) == (True, 1)
     # step 1 has no optimizer state (no prediction); step 2 takes its gradient at θ̂,
@@ -58,16 +58,19 @@ def test_two_steps_with_and_without_prediction(train_run, optimizer):
 def test_validation_picks_the_epoch_and_test_is_reported_there(tmp_path):
     """The test split never chooses: ``test`` is read at the epoch the validation metric selects."""
     from xgrad.loggers import RunLogger
+    from xgrad.records import Identity
 
     curves = {"val/acc": [50.0, 71.0, 70.0, 71.0], "test/acc": [49.0, 68.0, 73.0, 69.0]}  # val peaks first at 2
     history = [{"epoch": e + 1, **{k: v[e] for k, v in curves.items()}} for e in range(4)]
-    logger = RunLogger(tmp_path, {"metric": "acc", "mode": "max"})
-    result = logger.write_summary(history, status="completed", wall_time_s=1.0)
+    logger = RunLogger(tmp_path, Identity(metric="acc", mode="max"))
+    logger.write_summary(history, status="completed", wall_time_s=1.0)
+    result = summary(tmp_path)  # as the file holds it
     assert (result["best"], result["best_epoch"], result["test"], result["test/acc"]) == (71.0, 2, 68.0, 68.0)
     assert (result["test_best"], result["test_final"], result["final"]) == (73.0, 69.0, 71.0)
-    lower = RunLogger(tmp_path, {"metric": "ppl", "mode": "min"}).write_summary(
+    RunLogger(tmp_path, Identity(metric="ppl", mode="min")).write_summary(
         [{"epoch": 1, "val/ppl": 90.0, "test/ppl": 80.0}, {"epoch": 2, "val/ppl": float("nan"), "test/ppl": 70.0},
          {"epoch": 3, "val/ppl": 85.0, "test/ppl": 75.0}], status="completed", wall_time_s=1.0)
+    lower = summary(tmp_path)
     assert (lower["best_epoch"], lower["test"], lower["test_best"]) == (3, 75.0, 70.0)
 
 
@@ -133,7 +136,7 @@ def test_resume_after_an_interrupted_epoch_ends_like_an_uninterrupted_run(train_
         with pytest.raises(SimulatedCrash):
             train_run(*args, f"hydra.run.dir={run_dir}")
     assert summary(run_dir)["status"] == "failed" and "SimulatedCrash" in summary(run_dir)["reason"]
-    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch == 1
     assert len(metrics(run_dir)) == 1
 
     train_run(*args, f"hydra.run.dir={run_dir}")
@@ -154,7 +157,7 @@ def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(train_run
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert summary(run_dir)["status"] == "running", "the process ended before it could be killed in epoch 2"
-    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch == 1
 
     train_run(*args, f"hydra.run.dir={run_dir}")
     assert untimed(run_dir) == untimed(train_run(*args))
@@ -168,10 +171,14 @@ def test_checkpoint_round_trip_restores_every_generator(tmp_path):
     import torch
 
     path = tmp_path / "rng.pt"
-    checkpoint.save({**dict.fromkeys(checkpoint.REQUIRED), "rng": checkpoint.rng_state()}, path)
+    from xgrad.records import Checkpoint
+
+    state = Checkpoint(model={}, optimizer={}, scaler={}, rng=checkpoint.rng_state(), epoch=0, step=0, history=[],
+                       elapsed_s=0.0)  # fmt: skip
+    checkpoint.save(state, path)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.random(), np.random.rand(), torch.rand(3)  # move every generator on
-    checkpoint.set_rng_state(checkpoint.load(path)["rng"])
+    checkpoint.set_rng_state(checkpoint.load(path).rng)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert [p.name for p in tmp_path.iterdir()] == ["rng.pt"]  # no temporary file left behind
 
@@ -239,7 +246,7 @@ def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path, monkeypatch):
         (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
         assert exit_record.exit_code == 0
         # a resumed run continues the same W&B run
-        assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["wandb_id"] == result["wandb_run_id"]
+        assert checkpoint.load(run_dir / "checkpoints" / "last.pt").wandb_id == result["wandb_run_id"]
 
 
 def test_a_refused_sweep_job_leaves_a_failed_summary_and_the_others_run(tmp_path, monkeypatch):

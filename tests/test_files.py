@@ -126,7 +126,7 @@ def test_a_checkpoint_that_cannot_be_written_fails_in_one_line_and_keeps_the_las
         train_run(f"hydra.run.dir={run_dir}", "trainer.epochs=2", *SMALL)
     assert str(failed.value) == (f"cannot write {last}: {error.strerror} "
                                  "(the previous version of the file, if any, is intact)")  # fmt: skip
-    assert checkpoint.load(last)["epoch"] == 1  # epoch 1's, whole
+    assert checkpoint.load(last).epoch == 1  # epoch 1's, whole
     assert not list(run_dir.rglob(f"*{atomic.SUFFIX}"))
     result = summary(run_dir)
     assert result["status"] == "failed" and str(last) in result["reason"]

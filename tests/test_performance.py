@@ -306,6 +306,7 @@ def test_no_training_step_of_any_model_waits_for_the_device(compose_config, tmp_
     from xgrad.builder import build_run
     from xgrad.engine import to_device
     from xgrad.loggers import RunLogger
+    from xgrad.records import Identity
 
     extra = ()
     if "data=wmt16_en_de" in data:
@@ -317,7 +318,7 @@ def test_no_training_step_of_any_model_waits_for_the_device(compose_config, tmp_
     cfg = compose_config(f"model={model}", *data, *extra, "xgrad=on", "trainer.grad_clip=1.0", "data.batch_size=4")
     parts = build_run(cfg, meta)
     run_dir = tmp_path_factory.mktemp("run")
-    engine = parts.engine(run_dir, RunLogger(run_dir, {}))
+    engine = parts.engine(run_dir, RunLogger(run_dir, Identity()))
     parts.forward.train()
     parts.task.start_epoch(parts.forward, training=True)
     batches = iter(parts.data.train_batches(0, 0))

@@ -49,7 +49,7 @@ def test_a_signal_mid_epoch_checkpoints_and_the_rerun_continues_that_epoch(train
     assert signal.getsignal(signum) == handlers  # put back when the run ended
     assert summary(run_dir)["status"] == "interrupted" and "after batch 2 of 5 in epoch 2" in summary(run_dir)["reason"]
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-    assert (saved["epoch"], saved["step"], saved["position"]["batch"]) == (1, 7, 2)
+    assert (saved.epoch, saved.step, saved.position["batch"]) == (1, 7, 2)
     assert len(untimed(run_dir)) == 1
 
     steps = count_steps(monkeypatch)
@@ -84,7 +84,7 @@ def test_periodic_checkpoints_bound_what_a_crash_loses(train_run, monkeypatch, t
             train_run(*args, f"hydra.run.dir={run_dir}")
     assert summary(run_dir)["status"] == "failed"
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-    assert (saved["step"], saved["position"]["batch"]) == (6, 1)
+    assert (saved.step, saved.position["batch"]) == (6, 1)
     steps = count_steps(monkeypatch)
     train_run(*args, f"hydra.run.dir={run_dir}")
     assert untimed(run_dir) == untimed(whole) and len(steps) == 15 - 6
@@ -104,7 +104,7 @@ def test_a_signal_during_evaluation_keeps_the_epoch_trained(train_run, monkeypat
         patch.setattr(Classification, "evaluate", evaluate)
         with pytest.raises(Interrupted, match="while evaluating epoch 2"):
             train_run(*ARGS, f"hydra.run.dir={run_dir}")
-    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["position"]["batch"] == 5
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt").position["batch"] == 5
     steps = count_steps(monkeypatch)
     with caplog.at_level(logging.INFO, logger="xgrad.engine"):
         train_run(*ARGS, f"hydra.run.dir={run_dir}")
@@ -121,7 +121,7 @@ def test_submitits_preemption_handler_requeues_after_the_checkpoint(monkeypatch,
 
     def submitit_handler(signum, frame):  # what submitit's checkpoint_and_try_requeue leaves behind: an exit
         saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-        seen.append((signum, summary(run_dir)["status"], saved["position"]["batch"]))
+        seen.append((signum, summary(run_dir)["status"], saved.position["batch"]))
         sys.exit(-1)
 
     previous = signal.signal(PREEMPT_SIGNAL, submitit_handler)
@@ -163,7 +163,7 @@ def test_sigterm_to_the_command_line_run_exits_143_and_the_rerun_ends_identical(
     assert line.startswith("interrupted: stopped by SIGTERM after batch ") and line.endswith(
         " of 400 in epoch 2; the same command continues it")
     assert summary(run_dir)["status"] == "interrupted"
-    done = checkpoint.load(run_dir / "checkpoints" / "last.pt")["position"]["batch"]
+    done = checkpoint.load(run_dir / "checkpoints" / "last.pt").position["batch"]
     assert 0 < done < 400
 
     steps = count_steps(monkeypatch)

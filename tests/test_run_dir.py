@@ -20,6 +20,7 @@ import sys
 import pytest
 
 from conftest import TEST_OVERRIDES, SimulatedCrash, count_steps, fail_at_step, main_with, snapshot, summary, untimed
+from xgrad.records import Identity
 from xgrad.run_dir import RunDirectory, RunDirRefused, record_refusal
 
 SMALL = ("data.batch_size=32", "data.eval_batch_size=100")
@@ -189,15 +190,18 @@ def test_a_run_from_before_records_is_checked_against_its_checkpoint(train_run, 
 def test_a_sweep_refusal_is_recorded_only_where_no_run_lives(train_run, tmp_path):
     trained = train_run(f"hydra.run.dir={tmp_path / 'trained'}", *SMALL)
     before = snapshot(trained)
-    record_refusal(trained, {"model": "lenet"}, "refused: something")
+    record_refusal(trained, Identity(model="lenet"), "refused: something")
     assert snapshot(trained) == before  # another config's run: left alone
     busy = tmp_path / "busy"
     with RunDirectory(busy):
-        record_refusal(busy, {"model": "lenet"}, "refused: something")
+        record_refusal(busy, Identity(model="lenet"), "refused: something")
     assert not (busy / "summary.json").exists()  # a directory in use: left alone
-    record_refusal(tmp_path / "fresh", {"model": "lenet"}, "refused: something")
-    assert summary(tmp_path / "fresh") == {"model": "lenet", "best": None, "final": None, "epochs": 0,
-                                                "status": "failed", "reason": "refused: something"}  # fmt: skip
+    record_refusal(tmp_path / "fresh", Identity(model="lenet"), "refused: something")
+    written = summary(tmp_path / "fresh")
+    expected = {"model": "lenet", "best": None, "final": None, "epochs": 0, "status": "failed",
+                "reason": "refused: something", "format": 1}  # fmt: skip
+    assert {k: written[k] for k in expected} == expected
+    assert all(v in (None, False, 0) for k, v in written.items() if k not in expected)  # nothing else is known
     train_run(f"hydra.run.dir={tmp_path / 'fresh'}", *SMALL)  # a refusal's summary is no run: the fixed job trains
     assert summary(tmp_path / "fresh")["status"] == "completed"
 

@@ -38,6 +38,7 @@ from xgrad.messages import first_line
 from xgrad.engine import Engine
 from xgrad.loggers import RunLogger
 from xgrad.preemption import StopSignals
+from xgrad.records import Identity
 from xgrad import schema
 from xgrad.schema import ConfigError
 
@@ -150,7 +151,7 @@ def benchmark_arm(cfg: DictConfig, data: Any, device: torch.device, run_dir: Pat
         cfg = cfg.copy()
         cfg.xgrad = {"enabled": False}
     parts = build_run(cfg, device, data=data)
-    engine = parts.engine(run_dir, RunLogger(run_dir, {}))
+    engine = parts.engine(run_dir, RunLogger(run_dir, Identity()))
     parts.forward.train()
     parts.task.start_epoch(parts.forward, training=True)
     return engine

@@ -22,9 +22,7 @@ import numpy as np
 import torch
 
 from xgrad import atomic
-
-#: what every checkpoint of the engine holds (xgrad.engine.Engine.save)
-REQUIRED = ("model", "optimizer", "scaler", "rng", "epoch", "step", "history", "elapsed_s")
+from xgrad.records import Checkpoint, RecordError
 
 
 class UnreadableCheckpoint(Exception):
@@ -38,16 +36,13 @@ class UnreadableCheckpoint(Exception):
         self.path = path
 
 
-def save(state: dict[str, Any], path: Path) -> None:
+def save(state: Checkpoint, path: Path) -> None:
     """Write ``state`` to ``path`` atomically; :class:`xgrad.atomic.WriteFailed` when it cannot be written."""
-    atomic.replace(path, lambda f: torch.save(state, f))
+    atomic.replace(path, lambda f: torch.save(state.as_dict(), f))
 
 
-def load(path: Path, required: tuple[str, ...] = REQUIRED) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save` onto the CPU, or refuse it (:class:`UnreadableCheckpoint`).
-
-    ``required``: the keys it must hold (the engine's by default; the entry point adds its own).
-    """
+def load(path: Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save` onto the CPU, or refuse it (:class:`UnreadableCheckpoint`)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as error:
@@ -56,12 +51,13 @@ def load(path: Path, required: tuple[str, ...] = REQUIRED) -> dict[str, Any]:
         raise UnreadableCheckpoint(path, _why(error)) from None
     if not isinstance(state, dict):
         raise UnreadableCheckpoint(path, f"it holds a {type(state).__name__}, not a checkpoint's dict")
-    if missing := [key for key in required if key not in state]:
-        raise UnreadableCheckpoint(path, f"no {', '.join(missing)} in it")
-    return state
+    try:
+        return Checkpoint.from_dict(state, "it")
+    except RecordError as error:
+        raise UnreadableCheckpoint(path, str(error)) from None
 
 
-def check_fits(path: Path, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def check_fits(path: Path, state: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Refuse (:class:`UnreadableCheckpoint`) a checkpoint whose weights or optimizer state do not fit these.
 
     Before anything is loaded or written: ``load_state_dict`` would say so in a
@@ -69,7 +65,7 @@ def check_fits(path: Path, state: dict[str, Any], model: torch.nn.Module, optimi
     the first step.
     """
     own = model.state_dict()
-    weights = state["model"]
+    weights = state.model
     if not isinstance(weights, dict):
         raise UnreadableCheckpoint(path, "its model entry is not a state dict")
     if missing := sorted(own.keys() - weights.keys()):
@@ -81,13 +77,13 @@ def check_fits(path: Path, state: dict[str, Any], model: torch.nn.Module, optimi
         if not isinstance(theirs, torch.Tensor) or theirs.shape != tensor.shape:
             shape = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
             raise UnreadableCheckpoint(path, f"{name} is {shape} there, {tuple(tensor.shape)} in this model")
-    groups, saved_groups = optimizer.param_groups, state["optimizer"].get("param_groups", [])
+    groups, saved_groups = optimizer.param_groups, state.optimizer.get("param_groups", [])
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in saved_groups]:
         raise UnreadableCheckpoint(path, "its optimizer state has other parameter groups than this optimizer")
     params = [p for group in groups for p in group["params"]]
     ids = [i for group in saved_groups for i in group["params"]]
     for param, index in zip(params, ids):
-        for key, value in state["optimizer"].get("state", {}).get(index, {}).items():
+        for key, value in state.optimizer.get("state", {}).get(index, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
                 raise UnreadableCheckpoint(
                     path, f"its optimizer's {key} is {tuple(value.shape)} for a parameter of {tuple(param.shape)}"

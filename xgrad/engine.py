@@ -105,6 +105,7 @@ from xgrad import checkpoint
 from xgrad.distributed import Step, World
 from xgrad.loggers import RunLogger
 from xgrad.preemption import Interrupted, StopSignals
+from xgrad.records import Checkpoint, Summary
 from xgrad.running_loss import RunningLoss
 from xgrad.schema import Precision, Trainer
 
@@ -192,7 +193,7 @@ class Engine:
 
     # ------------------------------------------------------------------ state
 
-    def load(self, state: dict[str, Any]) -> None:
+    def load(self, state: Checkpoint) -> None:
         """Continue from a checkpoint written by :meth:`save` (by as many ranks as now, or not).
 
         Each rank takes back its own random state and carried task state when
@@ -201,23 +202,23 @@ class Engine:
         (A checkpoint that carries task state across a change of world size is
         refused before this, by xgrad/run_dir.py.)
         """
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
         if self.predictor is not None:
-            self.predictor.load_state_dict(state["predictor"])
+            self.predictor.load_state_dict(state.predictor)
         if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.history, self.elapsed_s = state["step"], state["history"], state["elapsed_s"]
-        self.position = state.get("position")  # absent from checkpoints written before mid-epoch ones existed
-        ranks = state.get("ranks")
+            self.scheduler.load_state_dict(state.scheduler)
+        self.scaler.load_state_dict(state.scaler)
+        self.step, self.history, self.elapsed_s = state.step, state.history, state.elapsed_s
+        self.position = state.position
+        ranks = state.ranks
         mine = ranks[self.world.rank] if ranks is not None and len(ranks) == self.world.size else None
         if mine is not None:
             checkpoint.set_rng_state(mine["rng"])
             if self.position is not None:
                 self.position = self.position | {"task": mine["task"]}
         elif self.world.main:
-            checkpoint.set_rng_state(state["rng"])
+            checkpoint.set_rng_state(state.rng)
 
     def save(self, elapsed_s: float, position: dict[str, Any] | None = None) -> None:
         """Write ``checkpoints/last.pt``: at an epoch end (no position) or mid-epoch (where in the epoch).
@@ -230,29 +231,27 @@ class Engine:
         ranks = self.world.gather(own)
         if not self.world.main:
             return
-        checkpoint.save(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "predictor": self.predictor.state_dict() if self.predictor is not None else None,
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict(),
-                "rng": own["rng"],
-                "epoch": len(self.history),
-                "step": self.step,
-                "history": self.history,
-                "elapsed_s": elapsed_s,
-                "position": position,
-                "world_size": self.world.size,
-                **({"ranks": ranks} if self.world.size > 1 else {}),
-                **self.checkpoint_extra,
-            },
-            self.checkpoint_path,
+        state = Checkpoint(
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            predictor=self.predictor.state_dict() if self.predictor is not None else None,
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            scaler=self.scaler.state_dict(),
+            rng=own["rng"],
+            epoch=len(self.history),
+            step=self.step,
+            history=self.history,
+            elapsed_s=elapsed_s,
+            position=position,
+            world_size=self.world.size,
+            ranks=ranks if self.world.size > 1 else None,
+            **self.checkpoint_extra,
         )
+        checkpoint.save(state, self.checkpoint_path)
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self) -> Summary:
         """Train the remaining epochs and return the summary.
 
         A stop signal leaves a checkpoint, ``summary.json`` with ``status:

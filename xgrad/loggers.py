@@ -5,17 +5,11 @@ Local files in the run directory (docs/design.md, "What a run leaves behind"):
 - ``metrics.jsonl``: one JSON object per finished epoch (``epoch``, ``step``,
   ``lr``, ``train/loss``, ``val/<metric>`` ..., ``test/<metric>`` ..., and
   timing fields under ``time/``);
-- ``summary.json``: what a table needs, rewritten at every epoch end
-  (``status: running``) and when the run ends: ``completed``; ``failed`` with a
-  ``reason``; ``interrupted`` (stopped by a signal after writing a checkpoint
-  that the same command continues from) with a ``reason``. Keys: ``task model
-  data data_variant data_sizes optimizer scheduler xgrad steps seed experiment
-  scale paper_epochs hardware world_size backend metric mode best best_epoch
-  final test test_best test_final test/<name>... epochs wall_time_s status
-  reason`` (``world_size``: the processes that trained together, ``backend``
-  their ``torch.distributed`` backend or null for one process) plus
-  ``wandb_group wandb_job_type wandb_run_id`` when W&B is on
-  (:meth:`RunLogger.write_summary` says which epoch each is from).
+- ``summary.json``: what a table needs (:class:`xgrad.records.Summary`, whose
+  fields are its keys), rewritten at every epoch end (``status: running``) and
+  when the run ends: ``completed``; ``failed`` with a ``reason``;
+  ``interrupted`` (stopped by a signal after writing a checkpoint that the same
+  command continues from) with a ``reason``.
 
 Both are replaced atomically (:mod:`xgrad.atomic`), so a killed process never
 leaves half a line that a table would read.
@@ -52,6 +46,7 @@ from urllib.parse import urlparse
 
 from xgrad import atomic
 from xgrad.messages import with_type
+from xgrad.records import Identity, Summary, json_value
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +57,6 @@ REACH_TIMEOUT_S = 5.0
 def _is_finite(value: Any) -> bool:
     """A real number that is not NaN or infinite (a diverged epoch never becomes "best")."""
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _json_value(value: Any) -> Any:
-    """JSON has no NaN/inf: a diverged value is written as null."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def wandb_base_url() -> str:
@@ -165,15 +155,14 @@ def wandb_mode(configured: str | None) -> str:
     return configured or os.environ.get("WANDB_MODE") or ("online" if api_key_available() else "offline")
 
 
-def write_refusal(run_dir: Path, identity: dict[str, Any], reason: str) -> None:
+def write_refusal(run_dir: Path, identity: Identity, reason: str) -> None:
     """A ``failed`` summary.json for a sweep job refused before it trained (a bad value, missing data).
 
     Without it the sweep's table could only say "no summary.json". The caller
     makes sure the directory holds no run of its own (xgrad/run_dir.py).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = {**identity, "best": None, "final": None, "epochs": 0, "status": "failed", "reason": reason}
-    atomic.write_text(run_dir / "summary.json", json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
+    Summary(identity, status="failed", reason=reason).write(run_dir / "summary.json")
 
 
 class WandbRun:
@@ -325,7 +314,7 @@ class RunLogger:
     summaries it would have written.
     """
 
-    def __init__(self, run_dir: Path, identity: dict[str, Any], wandb_run: WandbRun | None = None,
+    def __init__(self, run_dir: Path, identity: Identity, wandb_run: WandbRun | None = None,
                  writes: bool = True):  # fmt: skip
         self.run_dir = run_dir
         self.identity = identity
@@ -357,7 +346,7 @@ class RunLogger:
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
         if not self.writes:
             return
-        lines = "".join(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n" for r in history)
+        lines = "".join(json.dumps({k: json_value(v) for k, v in r.items()}) + "\n" for r in history)
         atomic.write_text(self.metrics_file, lines)
 
     def write_summary(
@@ -367,8 +356,8 @@ class RunLogger:
         status: str,
         wall_time_s: float,
         reason: str | None = None,
-    ) -> dict[str, Any]:
-        """Write ``summary.json`` from the epochs so far and return it.
+    ) -> Summary:
+        """Write ``summary.json`` from the epochs so far and return it (:class:`xgrad.records.Summary`).
 
         The validation split selects the epoch (``best_epoch``, the first with
         the best ``val/<metric>``); ``test`` and every ``test/<name>`` are read
@@ -376,36 +365,33 @@ class RunLogger:
         the optimizer papers' habit of reporting: the test set picks the epoch
         there, so it is kept for comparison only.
         """
-        metric, mode = self.identity["metric"], self.identity["mode"]
+        metric, mode = self.identity.metric, self.identity.mode
         pick = max if mode == "max" else min
         val_key, test_key = f"val/{metric}", f"test/{metric}"
         scored = [r for r in history if _is_finite(r.get(val_key))]
         selected = pick(scored, key=lambda r: r[val_key]) if scored else {}
         tests = [r[test_key] for r in history if _is_finite(r.get(test_key))]
-        summary = {
-            **self.identity,
-            "best": selected.get(val_key),
-            "best_epoch": selected.get("epoch"),
-            "final": history[-1].get(val_key) if history else None,
-            "test": selected.get(test_key),
-            "test_best": pick(tests) if tests else None,
-            "test_final": history[-1].get(test_key) if history else None,
-            **{k: v for k, v in selected.items() if k.startswith("test/")},
-            "epochs": len(history),
-            "wall_time_s": wall_time_s,
-            "status": status,
-            "reason": reason,
-        }
+        summary = Summary(
+            identity=self.identity,
+            best=selected.get(val_key),
+            best_epoch=selected.get("epoch"),
+            final=history[-1].get(val_key) if history else None,
+            test=selected.get(test_key),
+            test_best=pick(tests) if tests else None,
+            test_final=history[-1].get(test_key) if history else None,
+            tests={k: v for k, v in selected.items() if k.startswith("test/")},
+            epochs=len(history),
+            wall_time_s=wall_time_s,
+            status=status,
+            reason=reason,
+        )
         if self.wandb is not None:
-            summary |= {
-                "wandb_group": self.wandb.group,
-                "wandb_job_type": self.wandb.job_type,
-                "wandb_run_id": self.wandb.id,
-            }
+            summary.wandb_group, summary.wandb_job_type, summary.wandb_run_id = (
+                self.wandb.group, self.wandb.job_type, self.wandb.id)  # fmt: skip
             # everything a table needs, so that `make_tables.py --wandb` reads what summary.json holds
-            self.wandb.set_summary({k: v for k, v in summary.items() if not k.startswith("wandb_")})
+            self.wandb.set_summary({k: v for k, v in summary.as_json().items() if not k.startswith("wandb_")})
         if self.writes:
-            atomic.write_text(self.summary_file, json.dumps({k: _json_value(v) for k, v in summary.items()}, indent=2) + "\n")
+            summary.write(self.summary_file)
         return summary
 
     def finish(self, status: str) -> None:

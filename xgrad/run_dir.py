@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -47,13 +46,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xgrad import atomic, checkpoint
 from xgrad.loggers import write_refusal
+from xgrad.records import Checkpoint, Identity, RecordError, RunRecord, Summary
 from xgrad.trained_config import RESUME_IGNORES, flatten, recorded, what_it_trains
 
 log = logging.getLogger(__name__)
-
-#: what the entry point (xgrad/train.py) adds to every checkpoint, and reads back on resuming
-ENTRY_POINT_KEYS = ("config", "wandb_id")
-
 
 class RunDirRefused(Exception):
     """This start may not train in this directory; the message says why and what to do, in one line."""
@@ -156,38 +152,37 @@ class RunDirectory:
         """Whether a run has trained here (its record, its checkpoint or its metrics); a refusal's summary is none."""
         return self.record_file.is_file() or self.checkpoint_file.is_file() or self.metrics_file.is_file()
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
+    def load_checkpoint(self) -> Checkpoint | None:
         """The checkpoint to resume from (None: there is none); an unreadable one is refused by :mod:`xgrad.checkpoint`.
 
-        Besides the engine's state it must hold what the entry point adds (its
-        config and W&B id), which a checkpoint of the benchmarks' engines lacks.
+        Besides the engine's state it must hold what the entry point adds (the
+        run's config), which a checkpoint of the benchmarks' engines lacks.
         """
         if not self.checkpoint_file.is_file():
             return None
-        return checkpoint.load(self.checkpoint_file, required=(*checkpoint.REQUIRED, *ENTRY_POINT_KEYS))
+        saved = checkpoint.load(self.checkpoint_file)
+        if saved.config is None:
+            raise checkpoint.UnreadableCheckpoint(self.checkpoint_file, "no config in it: not a training run's")
+        return saved
 
-    def _record(self) -> dict[str, Any] | None:
+    def _record(self) -> RunRecord | None:
         if not self.record_file.is_file():
             return None
         try:
-            record = json.loads(self.record_file.read_text())
-            return {"config": dict(record["config"]), "epochs": record["epochs"]}
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise RunDirRefused(
-                f"{self.record_file} cannot be read ({type(error).__name__}: {error}); it records what {self.path} "
-                "trains: restore it, or pass a new hydra.run.dir"
-            ) from None
+            return RunRecord.read(self.record_file)
+        except RecordError as error:
+            raise RunDirRefused(f"{error}; it records what {self.path} trains: restore it, or pass a new "
+                                "hydra.run.dir") from None  # fmt: skip
 
-    def _summary(self) -> dict[str, Any] | None:
-        with contextlib.suppress(OSError, ValueError):
-            summary = json.loads(self.summary_file.read_text())
-            return summary if isinstance(summary, dict) else None
+    def _summary(self) -> Summary | None:
+        with contextlib.suppress(RecordError):
+            return Summary.read(self.summary_file)
         return None
 
     # ------------------------------------------------------------------ the check
 
-    def check(self, cfg: DictConfig, saved: dict[str, Any] | None, world_size: int = 1,
-              trains: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
+    def check(self, cfg: DictConfig, saved: Checkpoint | None, world_size: int = 1,
+              trains: dict[str, Any] | None = None) -> Summary | None:  # fmt: skip
         """Refuse a start that may not train here (see the module); return the summary when the run is complete.
 
         ``saved`` is the checkpoint (:meth:`load_checkpoint`). A run that has
@@ -198,11 +193,11 @@ class RunDirectory:
         """
         record = self._record()
         if record is not None:
-            before, target = record["config"], record["epochs"]
+            before, target = record.config, record.epochs
             if saved is not None:
-                self._checkpoint_of_this_run(before, saved["config"])
+                self._checkpoint_of_this_run(before, saved.config)
         elif saved is not None:
-            before, target = saved["config"], None  # written before run.json existed: the length it aimed at is unknown
+            before, target = saved.config, None  # written before run.json existed: the length it aimed at is unknown
         elif self.metrics_file.is_file():
             raise RunDirRefused(
                 f"{self.path} holds results (metrics.jsonl) but no record of the config that made them (no run.json, "
@@ -213,9 +208,9 @@ class RunDirectory:
         self._same_config(before, trains if trains is not None else fingerprint(cfg))
         self._same_shares(saved, world_size)
         epochs = cfg.trainer.epochs
-        if saved is not None and saved["epoch"] > epochs:
+        if saved is not None and saved.epoch > epochs:
             raise RunDirRefused(
-                f"trainer.epochs={epochs}: the checkpoint in {self.path} already has {saved['epoch']} epochs"
+                f"trainer.epochs={epochs}: the checkpoint in {self.path} already has {saved.epoch} epochs"
             )
         if saved is not None and target is not None and target != epochs and (changed := follows_epochs(cfg, target)):
             values = "; ".join(f"{k}={then!r} for {target} epochs, {now!r} for {epochs}" for k, (then, now) in changed.items())
@@ -225,18 +220,18 @@ class RunDirectory:
                 f"become a {epochs}-epoch run: train that in a new hydra.run.dir"
             )
         summary = self._summary() if self.summary_file.is_file() else None
-        if summary is None or summary.get("status") != "completed":
+        if summary is None or summary.status != "completed":
             return None
-        if summary.get("epochs") == epochs:
+        if summary.epochs == epochs:
             return summary
         if saved is None:
             raise RunDirRefused(
-                f"trainer.epochs={epochs}: {self.path} holds a completed {summary.get('epochs')}-epoch run whose "
+                f"trainer.epochs={epochs}: {self.path} holds a completed {summary.epochs}-epoch run whose "
                 "checkpoints/last.pt is gone, so there is nothing to continue from; pass a new hydra.run.dir"
             )
         return None
 
-    def _same_shares(self, saved: dict[str, Any] | None, world_size: int) -> None:
+    def _same_shares(self, saved: Checkpoint | None, world_size: int) -> None:
         """Refuse to continue, on another number of processes, an epoch whose task carries state per rank.
 
         The data a batch holds is global, so a run may resume on any number of
@@ -244,8 +239,8 @@ class RunDirectory:
         rank's hidden state for its own columns of the token stream, which
         belong to that number of ranks.
         """
-        position = saved.get("position") if saved is not None else None
-        written_by = saved.get("world_size", 1) if saved is not None else world_size
+        position = saved.position if saved is not None else None
+        written_by = saved.world_size if saved is not None else world_size
         if position is not None and position.get("task") is not None and written_by != world_size:
             raise RunDirRefused(
                 f"{self.checkpoint_file} was written in the middle of an epoch by {written_by} process(es), with the "
@@ -286,8 +281,7 @@ class RunDirectory:
         """
         for folder in (self.path, self.checkpoint_file.parent):
             atomic.remove_temporaries(folder)
-        record = {"config": trains if trains is not None else fingerprint(cfg), "epochs": cfg.trainer.epochs}
-        atomic.write_text(self.record_file, json.dumps(record, indent=2, default=str) + "\n")
+        RunRecord(trains if trains is not None else fingerprint(cfg), cfg.trainer.epochs).write(self.record_file)
         hydra = HydraConfig.instance().cfg if HydraConfig.initialized() else None
         subdir = self.path / ".hydra"  # Hydra's own copy is off (conf/config.yaml: hydra.output_subdir null)
         atomic.write_text(subdir / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -301,7 +295,7 @@ def _differences(one: dict[str, Any], other: dict[str, Any]) -> list[str]:
     return [k for k in sorted(one.keys() | other.keys()) if one.get(k, "<absent>") != other.get(k, "<absent>")]
 
 
-def record_refusal(path: Path, identity: dict[str, Any], reason: str) -> None:
+def record_refusal(path: Path, identity: Identity, reason: str) -> None:
     """A sweep job's refusal as a ``failed`` summary.json in its directory, for the sweep's table.
 
     Only into a directory that holds no run and that no process is using: the

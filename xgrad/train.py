@@ -57,6 +57,7 @@ from xgrad.engine import TrainingFailed
 from xgrad.loggers import RunLogger, WandbRun, check_wandb_environment
 from xgrad.preemption import Interrupted, StopSignals
 from xgrad.run_dir import RunDirectory, RunDirRefused, fingerprint, record_refusal
+from xgrad.records import Checkpoint, Identity, Summary
 from xgrad.schema import ConfigError
 from xgrad.trained_config import register_resolver
 
@@ -166,8 +167,8 @@ def experiment_name() -> str | None:
     return HydraConfig.get().runtime.choices.get("experiment")
 
 
-def requested(cfg: DictConfig) -> dict[str, Any]:
-    """What the config asks to train, as summary.json names it.
+def requested(cfg: DictConfig) -> Identity:
+    """What the config asks to train: the identity a refused job's summary.json carries.
 
     Read defensively: a refused job's summary is written from this too, and
     there the config may be the bad part (a value that cannot resolve is None).
@@ -180,45 +181,45 @@ def requested(cfg: DictConfig) -> dict[str, Any]:
             return None
 
     enabled, steps = bool(get("xgrad.enabled")), get("xgrad.steps")
-    return {
-        "model": get("model.name"),
-        "data": get("data.name"),
-        "optimizer": get("optimizer.name"),
-        "scheduler": get("scheduler.name"),
-        "xgrad": enabled,
-        "steps": steps if enabled and isinstance(steps, int) else 0,
-        "seed": get("seed"),
-        "experiment": experiment_name(),
-        "scale": get("scale"),  # an experiment's size label (e.g. a reduced protocol), if it sets one
-        "paper_epochs": get("paper_epochs"),  # the paper schedule's length, where a protocol trains a part of it
-    }
+    return Identity(
+        model=get("model.name"),
+        data=get("data.name"),
+        optimizer=get("optimizer.name"),
+        scheduler=get("scheduler.name"),
+        xgrad=enabled,
+        steps=steps if enabled and isinstance(steps, int) else 0,
+        seed=get("seed"),
+        experiment=experiment_name(),
+        scale=get("scale"),
+        paper_epochs=get("paper_epochs"),
+    )
 
 
 def describe(cfg: DictConfig, task: Any, data: Any, device: torch.device, world: World,
-             model: torch.nn.Module | None = None) -> dict[str, Any]:  # fmt: skip
+             model: torch.nn.Module | None = None) -> Identity:  # fmt: skip
     """What summary.json says the run is (the outcome is added by the logger).
 
     ``hardware`` is one process's device; ``world_size`` says how many
     processes trained together, over ``backend`` (None for one process);
     ``precision`` what ``trainer.precision`` ran as for ``model``.
     """
-    return {
-        "task": type(task).__name__,
-        **requested(cfg),
-        "data_variant": data.variant,
-        "data_sizes": data.sizes(),
-        "hardware": hardware.describe(device),
-        "precision": performance.precision_label(model, cfg.trainer.precision) if model is not None else None,
-        "world_size": world.size,
-        "backend": world.backend,
-        "metric": task.metric,
-        "mode": task.mode,
-    }
+    return dataclasses.replace(
+        requested(cfg),
+        task=type(task).__name__,
+        data_variant=data.variant,
+        data_sizes=data.sizes(),
+        hardware=hardware.describe(device),
+        precision=performance.precision_label(model, cfg.trainer.precision) if model is not None else None,
+        world_size=world.size,
+        backend=world.backend,
+        metric=task.metric,
+        mode=task.mode,
+    )
 
 
-def start_wandb(cfg: DictConfig, run_dir: Path, identity: dict[str, Any], run_id: str | None) -> WandbRun | None:
+def start_wandb(cfg: DictConfig, run_dir: Path, identity: Identity, run_id: str | None) -> WandbRun | None:
     """The W&B run of this training run: paired by group, told apart by job_type and the ``s`` tag."""
-    steps = identity["steps"]
+    steps = identity.steps
     group = f"{cfg.data.name}-{cfg.model.name}-{cfg.optimizer.name}-seed{cfg.seed}"
     job_type = "xgrad" if steps > 0 else "baseline"
     return WandbRun.start(
@@ -230,9 +231,9 @@ def start_wandb(cfg: DictConfig, run_dir: Path, identity: dict[str, Any], run_id
         group=group,
         job_type=job_type,
         name=f"{group}-{job_type}" + (f"-s{steps}" if steps > 0 else ""),
-        tags=[tag for tag in (identity["experiment"], f"s={steps}") if tag],
+        tags=[tag for tag in (identity.experiment, f"s={steps}") if tag],
         config={**OmegaConf.to_container(cfg, resolve=True),
-                "world_size": identity["world_size"], "backend": identity["backend"]},  # fmt: skip
+                "world_size": identity.world_size, "backend": identity.backend},  # fmt: skip
         run_id=run_id,
     )
 
@@ -242,11 +243,11 @@ class Start:
     """What a start of a run found in its directory, decided by rank 0 under the directory's lock."""
 
     fingerprint: dict[str, Any]  # what the config trains (xgrad/run_dir.py), computed once per start
-    checkpoint: dict[str, Any] | None = None  # this rank's checkpoint to resume from (None: from the start)
-    completed: dict[str, Any] | None = None  # the summary of a run with nothing left to train
+    checkpoint: Checkpoint | None = None  # this rank's checkpoint to resume from (None: from the start)
+    completed: Summary | None = None  # the summary of a run with nothing left to train
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> Summary:
     """Train one composed config into ``run_dir`` (default: Hydra's output dir); return the summary.
 
     The steps, in this order: check the config, open (and lock) the run
@@ -266,7 +267,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         world.from_rank_zero(lambda: held.enter_context(directory))  # the lock, until the run ends
         start = plan_resume(directory, cfg, world)
         if start.completed is not None:
-            log.info("%s has completed its %s epochs: nothing to train", directory.path, start.completed["epochs"])
+            log.info("%s has completed its %s epochs: nothing to train", directory.path, start.completed.epochs)
             return start.completed
         parts = build_run(cfg, device, world)
         if start.checkpoint is not None:
@@ -274,8 +275,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         parts.trainer = dataclasses.replace(parts.trainer, progress=job.trainer.progress and world.main)
         world.from_rank_zero(lambda: directory.accept(cfg, start.fingerprint))
         summary = fit(cfg, parts, directory, start)
-    log.info("%s: best val/%s %s (epoch %s), final %s", summary["status"], parts.task.metric, summary["best"],
-             summary["best_epoch"], summary["final"])  # fmt: skip
+    log.info("%s: best val/%s %s (epoch %s), final %s", summary.status, parts.task.metric, summary.best,
+             summary.best_epoch, summary.final)  # fmt: skip
     return summary
 
 
@@ -291,7 +292,7 @@ def plan_resume(directory: RunDirectory, cfg: DictConfig, world: World) -> Start
     (:meth:`xgrad.run_dir.RunDirectory.check`); the other ranks then read the file it accepted."""
     start = Start(fingerprint(cfg))
 
-    def examine() -> tuple[bool, dict[str, Any] | None]:
+    def examine() -> tuple[bool, Summary | None]:
         start.checkpoint = directory.load_checkpoint()
         return start.checkpoint is not None, directory.check(cfg, start.checkpoint, world.size, start.fingerprint)
 
@@ -303,7 +304,7 @@ def plan_resume(directory: RunDirectory, cfg: DictConfig, world: World) -> Start
     return start
 
 
-def fit(cfg: DictConfig, parts: RunParts, directory: RunDirectory, start: Start) -> dict[str, Any]:
+def fit(cfg: DictConfig, parts: RunParts, directory: RunDirectory, start: Start) -> Summary:
     """Train the parts into the directory (from the checkpoint, when there is one); the summary says how it ended.
 
     A signal leaves an ``interrupted`` summary (every rank leaves once rank 0
@@ -315,7 +316,7 @@ def fit(cfg: DictConfig, parts: RunParts, directory: RunDirectory, start: Start)
     saved = start.checkpoint
     wandb_run = None
     if cfg.logger.name == "wandb" and world.main:
-        wandb_run = start_wandb(cfg, directory.path, identity, saved["wandb_id"] if saved else None)
+        wandb_run = start_wandb(cfg, directory.path, identity, saved.wandb_id if saved else None)
     logger = RunLogger(directory.path, identity, wandb_run, writes=world.main)
     with StopSignals() as stop:
         try:
@@ -323,7 +324,7 @@ def fit(cfg: DictConfig, parts: RunParts, directory: RunDirectory, start: Start)
             engine = parts.engine(directory.path, logger, checkpoint_extra, stop)
             if saved is not None:
                 engine.load(saved)
-                log.info("resuming %s after epoch %d", directory.path, saved["epoch"])
+                log.info("resuming %s after epoch %d", directory.path, saved.epoch)
             summary = engine.fit()
         except Interrupted:
             try:
@@ -347,7 +348,7 @@ def main(cfg: DictConfig) -> float | None:
     """
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return run(cfg)["best"]
+        return run(cfg).best
     except Interrupted as stopped:
         print(f"interrupted: {stopped}", file=sys.stderr)
         stopped.hand_over()  # submitit's handler requeues the job and exits; otherwise:
