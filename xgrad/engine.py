@@ -46,43 +46,11 @@ Evaluation draws from no global generator, so an evaluation that a signal
 cut short is simply run again.
 
 On several processes (xgrad/distributed.py) every rank runs this loop on its
-share of each global batch, with ``forward`` the model wrapped in DDP, and
-the step becomes::
-
-    predictor.predict()                  θ_t → θ̂_{t+s} on every rank: the same θ̂
-    loss = task.train_loss(ddp, share)
-    weigh(loss)                          one all-gather on the device: the ranks' losses, samples, stop signals
-    backward()                           DDP all-reduces: the mean gradient over all ranks, at θ̂
-    predictor.restore()                  θ̂ → θ_t on every rank
-    clip; optimizer.step()               the same update on every rank
-
-Why this order is XGrad's step under DDP: the predictor reads nothing but the
-weights and the optimizer's state, and every rank holds the same of both (DDP
-starts every rank from rank 0's weights, and each update after that applies
-the same averaged gradient to the same state), so every rank predicts the
-same θ̂ without communicating. Each rank's backward pass then differentiates
-its share of the batch at that θ̂, and DDP averages those gradients while the
-pass runs: the result is the gradient at θ̂ of the loss over the whole global
-batch, which is what one process computes. When ``backward()`` returns, DDP
-has written that average into ``.grad`` (on a GPU, ordered on the stream
-before anything launched later); the restore that follows writes the weights
-back in place, which the finished backward no longer reads, and leaves
-``.grad`` alone, so the step applies the gradient at θ̂ to θ_t, on every
-rank, keeping weights and states identical for the next prediction.
-Predicting on one rank only, or from a state some rank lacks, would let the
-ranks' weights drift apart.
-
-The training loss is summed over the ranks every step, on the device, by
-the step's all-gather (the sample-weighted mean of the global batch), and read
-as in one process; evaluation runs the whole validation and test splits on
-every rank with the model itself, so its metrics need no reduction, and rank
-0's epoch record is what every rank keeps. A stop signal received by any rank
-stops every rank after the same step: the step's all-gather carries it too,
-read after every step where it ran on the CPU (gloo) and at the loss's reads
-on GPUs (where reading it every step would make each step wait), plus a
-host-side exchange before each epoch and each evaluation batch. Only rank 0
-writes files: every rank's random state and carried task state go into its
-checkpoint.
+share of each global batch, with ``forward`` the model wrapped in DDP: every
+rank predicts the same θ̂ from the same weights and state, DDP averages the
+gradients at θ̂ during backward, every rank restores θ_t and applies the same
+update. Why that is XGrad's step on one process, and how stop signals and
+metrics cross the ranks: docs/design.md, "Training on several processes".
 """
 
 from __future__ import annotations
