@@ -604,6 +604,59 @@ def test_a_swept_value_makes_cells_of_its_own_never_duplicates(tmp_path):
     assert len({p.name for p in (tmp_path / "plots").glob("fashion_mnist-lenet-adam-*.png")}) == 3  # one per cell
 
 
+def test_a_swept_list_value_makes_cells_of_its_own(tmp_path):
+    """A sweep over optimizer.betas (a list in the config): a cell per value, named by it, as for a number."""
+    for betas in ([0.9, 0.99], [0.9, 0.999]):
+        for seed in range(3):
+            for xgrad in (False, True):
+                folder = tmp_path / f"b{betas[1]}" / f"{xgrad}{seed}"
+                write_run(folder, xgrad=xgrad, seed=seed, curve=(0.5, 0.6 + 0.01 * seed + 0.02 * xgrad))
+                record = {"seed": seed, "optimizer.name": "adam", "optimizer.betas": betas, "xgrad.enabled": xgrad}
+                (folder / "run.json").write_text(json.dumps({"config": record}))
+
+    rows = table_rows(make_tables.main([str(tmp_path), "--out", str(tmp_path / "betas.md")]))
+    assert sorted((row["optimizer"], row["pairs"]) for row in rows) == [
+        ("adam (optimizer.betas=[0.9, 0.999])", "3"), ("adam (optimizer.betas=[0.9, 0.99])", "3"),
+    ]  # fmt: skip
+
+
+def test_repeats_among_thousands_of_runs_are_those_a_pairwise_scan_finds():
+    """2,000 runs of many cells, arms and seeds: each repeat names the first run of its cell, setting, arm and seed.
+
+    The expected answer is the definition applied pair by pair, on keys built
+    here: every group of runs sweeps optimizer.lr and has runs with and
+    without optimizer.betas (a list), so both are in every run's setting.
+    """
+    from xgrad.report import Run, group_cells, problems
+
+    rng = np.random.default_rng(0)
+    runs, keys = [], []
+    for i in range(2000):
+        data, model, optimizer = (str(rng.choice(names)) for names in (["mnist", "ptb"], ["a", "b"], ["adam", "sgdm"]))
+        scale, lr, seed = [None, "", "quick"][rng.integers(3)], [0.1, 0.01][rng.integers(2)], int(rng.integers(20))
+        steps = int(rng.integers(3))  # 0: a baseline
+        betas = [[0.9, 0.99], [0.9, 0.999], None][rng.integers(3)]
+        config = {"seed": seed, "optimizer.lr": lr, "xgrad.enabled": steps > 0, "xgrad.steps": steps}
+        if betas is not None:
+            config["optimizer.betas"] = list(betas)  # a list of its own: equal to another's, never the same object
+        status = "failed" if rng.random() < 0.05 else "completed"
+        runs.append(Run(path=Path(f"/runs/{i}"), status=status, data=data, model=model, optimizer=optimizer,
+                        xgrad=steps > 0, steps=steps, seed=seed, metric="acc", mode="max", best=0.5, scale=scale,
+                        config=config))  # fmt: skip
+        keys.append((data, model, optimizer, scale, lr, repr(betas), steps, seed) if status == "completed" else None)
+
+    expected = []
+    for i, key in enumerate(keys):
+        first = None if key is None else next((j for j in range(i) if keys[j] == key), None)
+        if first is not None:
+            expected.append((f"/runs/{i}", f"duplicate of seed {runs[i].seed} in /runs/{first}; not counted"))
+    found = [(str(run.path), why) for run, why in problems(runs) if run.status == "completed"]
+    assert found == expected and len(expected) > 100
+    counted = [run for cell in group_cells(runs) for arm in (cell.baseline, *cell.xgrad.values()) for run in arm]
+    usable = len(keys) - keys.count(None)
+    assert len(counted) == len({id(run) for run in counted}) == usable - len(expected)
+
+
 def test_runs_of_several_ranks_say_so_in_the_hardware_column(tmp_path):
     for seed in range(3):
         for xgrad in (False, True):

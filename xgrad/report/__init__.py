@@ -7,8 +7,11 @@ of it lives here, once, for every caller (``scripts/make_tables.py``,
 ``scripts/plot_curves.py``, the end-of-sweep callback
 ``xgrad.callbacks.SweepReports``, ``scripts/bench_overhead.py``):
 
-- :mod:`xgrad.report.runs` reads run directories (or W&B runs) into records
-  and groups them into cells;
+- :mod:`xgrad.report.runs` holds the records, :class:`Run` and :class:`Cell`;
+- :mod:`xgrad.report.readers` reads run directories, a sweep's job list (or
+  W&B runs) into run records;
+- :mod:`xgrad.report.cells` groups them into cells and lists the runs left
+  out (failed, missing, repeated) and the seeds without their pair;
 - :mod:`xgrad.report.stats` holds the statistics on plain numbers (paired t
   interval and verdict, a pooled estimate across cells, Benjamini–Hochberg, convergence);
 - :mod:`xgrad.report.compare` pairs runs by seed and turns cells into
@@ -17,14 +20,13 @@ of it lives here, once, for every caller (``scripts/make_tables.py``,
   renderer, :func:`xgrad.report.tables.markdown_table` (pandas);
 - :mod:`xgrad.report.plots` draws the curves (matplotlib, imported only there).
 
-Only the run records are imported with the package; the modules that need
-pandas, scipy or matplotlib load when used.
+Only the records, the readers and the grouping are imported with the
+package; pandas, scipy and matplotlib load when used.
 """
 
-from xgrad.report.runs import (
-    NOT_STARTED, UNREADABLE, Cell, Run, find_run_dirs, group_cells, load_run, load_runs, load_wandb_runs, problems,
-    sweep_jobs, unpaired_seeds, unstarted_jobs,
-)  # fmt: skip
+from xgrad.report.cells import group_cells, problems, unpaired_seeds
+from xgrad.report.readers import find_run_dirs, load_run, load_runs, load_wandb_runs, sweep_jobs, unstarted_jobs
+from xgrad.report.runs import NOT_STARTED, UNREADABLE, Cell, Run
 
 __all__ = [
     "NOT_STARTED", "UNREADABLE", "Cell", "Run", "find_run_dirs", "group_cells", "load_run", "load_runs",

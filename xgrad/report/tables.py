@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xgrad.report.cells import group_cells, problems, unpaired_seeds
 from xgrad.report.compare import (
     BASIS_TEST, BASIS_VAL, TIME_MEASURES, Comparison, GroupSummary, compare, summarise,
 )  # fmt: skip
-from xgrad.report.runs import Cell, Run, group_cells, problems, unpaired_seeds
+from xgrad.report.runs import Cell, Run
 from xgrad.report.stats import (
     ALPHA, BETTER, EQUIVALENT, MARGINS, MIN_PAIRS, NO_CLEAR_DIFFERENCE, TARGET_FRACTION, TOO_FEW_SEEDS, WORSE, Paired,
     TimeToTarget,
@@ -279,7 +280,7 @@ def left_out(runs: list[Run], cells: list[Cell]) -> list[str]:
     """Every run not in the statistics, and every seed without its partner.
 
     The runs include the unreadable records and a sweep's jobs that never
-    started (:func:`xgrad.report.runs.load_runs`), each described by itself.
+    started (:func:`xgrad.report.readers.load_runs`), each described by itself.
     """
     cwd = Path.cwd()
     lines = []
