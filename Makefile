@@ -18,11 +18,12 @@ DEMO_SEEDS ?= 0,1,2
 
 install: $(STAMP) data
 
-# The library, the suite, the test tools and the framework integrations at the exact versions of constraints.txt.
+# The library, the suite, the test tools, the framework integrations and W&B's reports API at the exact versions
+# of constraints.txt.
 # Re-installs only when pyproject.toml or constraints.txt changes, so a second call is quick.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[suite,test,lightning,transformers]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[suite,test,lightning,transformers,reports]'
 	touch $(STAMP)
 
 # The embedded default dataset: Debian's Fashion-MNIST IDX files (root only).

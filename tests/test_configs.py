@@ -45,7 +45,7 @@ def test_the_groups_of_the_design_are_there():
     assert set(options("optimizer")) >= {"sgdm", "rmsprop", "adam", "adamw", "adabelief", "adam3"}
     assert set(options("xgrad")) == {"off", "on"}
     assert set(options("scheduler")) >= {"none", "multistep", "cosine"}
-    assert set(options("logger")) == {"wandb", "none"}
+    assert set(options("logger")) == {"wandb", "tensorboard", "none"}
     assert (CONF_DIR / "experiment").resolve() == (CONF_DIR.parent / "experiments").resolve()
 
 
@@ -68,8 +68,19 @@ def test_model_and_data_compose_and_resolve(compose_config, model, data):
 def test_group_option_composes_and_resolves(compose_config, group, option):
     cfg = compose_config(f"{group}={option}")
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation has a value
-    if group in ("optimizer", "scheduler", "logger"):
+    if group in ("optimizer", "scheduler"):
         assert cfg[group].name == option
+    if group == "logger":  # each chosen logger under its own key
+        assert list(cfg.logger) == ([] if option == "none" else [option])
+
+
+def test_several_loggers_at_once_by_one_override(compose_config):
+    from xgrad.schema import TensorBoard, Wandb, check
+
+    cfg = compose_config("logger=[wandb,tensorboard]", "logger.wandb.project=elsewhere")
+    loggers = check(cfg).logger
+    assert isinstance(loggers.wandb, Wandb) and isinstance(loggers.tensorboard, TensorBoard)
+    assert loggers.wandb.project == "elsewhere"
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

@@ -288,7 +288,7 @@ def test_wandb_goes_offline_without_an_api_key_and_respects_wandb_mode(monkeypat
     assert wandb_mode(None) == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode(None) == "disabled"
-    assert wandb_mode("offline") == "offline"  # logger.mode in the config wins
+    assert wandb_mode("offline") == "offline"  # logger.wandb.mode in the config wins
 
 
 # ---------------------------------------------------------------- bad input

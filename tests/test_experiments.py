@@ -318,6 +318,34 @@ def test_the_end_of_a_sweep_writes_its_table_and_plots(tiny_sweep, tmp_path):
     assert (tmp_path / "results" / "adam" / "overview.png").read_bytes()[:8] == PNG_HEADER
 
 
+def test_a_figures_wandb_report_has_a_section_per_cell_filtered_on_the_runs_own_cell(tiny_sweep, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """scripts/wandb_report.py: built offline from the page and its raw data; each section's run set is the cell the
+    runs themselves logged to W&B (their summary.json's cell), grouped by arm."""
+    import wandb_workspaces.reports.v2 as wr
+
+    spec = importlib.util.spec_from_file_location("wandb_report", ROOT / "scripts" / "wandb_report.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "wandb_report", script)  # its dataclass looks its module up
+    spec.loader.exec_module(script)
+    sweep, summaries, _ = tiny_sweep
+    SweepReports(results=str(tmp_path / "results"), notes={}).on_multirun_end(hydra_config(sweep))
+    [section] = script.sections(tmp_path / "results" / "adam.md")
+    assert section.cell == summaries[0]["cell"] and {s["cell"] for s in summaries} == {section.cell}
+    assert section.rows[2].startswith("| fashion_mnist | lenet | adam | 1 |")
+    report = script.build("adam", "quick", [section], "team", "xgrad-repro")
+    [grid] = [block for block in report.blocks if isinstance(block, wr.PanelGrid)]
+    [runset] = grid.runsets
+    assert runset.filters == f"Config('cell') == '{section.cell}'" and runset.groupby == ["config.arm"]
+    assert [panel.y for panel in grid.panels] == [["val/acc"], ["test/acc"]]
+    assert all(p.groupby_aggfunc == "mean" and p.groupby_rangefunc == "stderr" for p in grid.panels)
+    argv = ["adam", "--results", str(tmp_path), "--scale", "results", "--dry-run"]
+    assert script.main(argv) == 0
+    assert f"runs with cell == {section.cell}, grouped by arm" in capsys.readouterr().out
+    assert script.main(["adam", "--results", str(tmp_path / "nowhere"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line naming what is missing
+
+
 def test_a_sweep_that_raised_still_gets_its_table(tiny_sweep, tmp_path):
     """Hydra skips on_multirun_end when a job failed; the reports are then written at exit."""
     sweep, _, _ = tiny_sweep

@@ -72,7 +72,7 @@ def test_a_server_that_accepts_and_never_answers_means_offline_at_once(fresh_wan
     started = time.monotonic()
     try:
         with caplog.at_level(logging.WARNING, logger="xgrad.loggers"):
-            run_dir = train_run("logger=wandb", "logger.init_timeout=2", *SMALL)
+            run_dir = train_run("logger=wandb", "logger.wandb.init_timeout=2", *SMALL)
     finally:
         hanging.close()
     assert times[0] - started < 30
@@ -115,7 +115,7 @@ def test_an_api_that_never_answers_is_waited_for_init_timeout_then_an_offline_ru
     fresh_wandb.setattr("xgrad.loggers.new_run_id", lambda: next(ids))
     times = first_step_time(fresh_wandb)
     started = time.monotonic()
-    run_dir = train_run("logger=wandb", "logger.init_timeout=3", *SMALL)
+    run_dir = train_run("logger=wandb", "logger.wandb.init_timeout=3", *SMALL)
     assert times[0] - started < 30
     result = summary(run_dir)
     assert (result["status"], result["wandb_run_id"]) == ("completed", "offline2")
@@ -172,3 +172,24 @@ def test_a_wandb_failure_after_the_start_is_logged_once_and_training_goes_on(fre
     assert caplog.text.count("W&B failed while logging (RuntimeError: connection to the W&B service lost)") == 1
     assert summary(run_dir)["status"] == "completed" and summary(run_dir)["epochs"] == 2
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_runs_of_one_comparison_share_a_cell_and_say_their_arm(fresh_wandb, train_run, monkeypatch):
+    """W&B's "group by cell, then arm" gives baseline vs XGrad over seeds: the cell is shared by every seed and both
+    arms, and by nothing that trains differently; summary.json carries the same cell."""
+    import wandb
+
+    configs = []
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda *a, **kw: configs.append(kw["config"]) or real_init(*a, **kw))
+    fresh_wandb.setenv("WANDB_MODE", "offline")
+    runs = [("xgrad=off", "seed=0"), ("xgrad=on", "seed=0"), ("xgrad=off", "seed=1"), ("xgrad=on", "seed=1"),
+            ("xgrad=on", "xgrad.steps=2", "seed=1"), ("xgrad=off", "seed=0", "optimizer.lr=0.01"),
+            ("xgrad=off", "seed=0", "trainer.grad_clip=1.0")]  # fmt: skip
+    dirs = [train_run("logger=wandb", *overrides, *SMALL) for overrides in runs]
+    cells, arms = [c["cell"] for c in configs], [c["arm"] for c in configs]
+    assert arms == ["baseline", "xgrad", "baseline", "xgrad", "xgrad", "baseline", "baseline"]
+    assert len(set(cells[:5])) == 1 and len(set(cells)) == 3  # another lr, clipping: other cells
+    assert cells[0].startswith("fashion_mnist/lenet/adam/")
+    assert [summary(d)["cell"] for d in dirs] == cells
+    assert [c["seed"] for c in configs][:4] == [0, 0, 1, 1]  # the per-seed pairing is kept beside it

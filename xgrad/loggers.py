@@ -18,7 +18,7 @@ W&B: one run per training run, ``group = <data>-<model>-<optimizer>-seed<seed>``
 (the baseline and every ``s`` of one setting side by side), ``job_type =
 baseline | xgrad``, resumed under the same id when the training run resumes.
 W&B can never take a training run down (:class:`WandbRun`): it never prompts,
-its start and finish together never wait longer than ``logger.init_timeout``
+its start and finish together never wait longer than ``logger.wandb.init_timeout``
 (nor, at exit, for W&B's own analytics, which are off unless
 ``WANDB_ERROR_REPORTING`` says otherwise), it falls back to an offline run that
 ``wandb sync`` uploads later, and a failure after the start is logged once and
@@ -182,7 +182,7 @@ class WandbRun:
     def __init__(self, run: Any, group: str, job_type: str, deadline: float | None = None):
         self.run, self.group, self.job_type = run, group, job_type
         self.id = run.id
-        # what is left of logger.init_timeout once the start is over: the most the finish may wait
+        # what is left of logger.wandb.init_timeout once the start is over: the most the finish may wait
         self.finish_budget_s = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         # validation and test curves against epochs; the training loss against optimizer steps
         self._call("defining its metrics", self._define_metrics)
@@ -279,7 +279,7 @@ class WandbRun:
     def finish(self, status: str) -> None:
         """End the W&B run: ``completed`` exits 0; ``interrupted`` marks it preempted first (it will resume).
 
-        The finish waits at most what the start left of ``logger.init_timeout``
+        The finish waits at most what the start left of ``logger.wandb.init_timeout``
         (an offline run finishes at once); past that it is left to end in the
         background and the run goes on, saying so.
         """
@@ -299,13 +299,50 @@ class WandbRun:
             return
         threading.Thread(target=finish, name="wandb-finish", daemon=True).start()
         if not ended.wait(max(self.finish_budget_s, 0.5)):
-            log.warning("W&B did not finish within what logger.init_timeout left (%.1f s); it goes on in the "
+            log.warning("W&B did not finish within what logger.wandb.init_timeout left (%.1f s); it goes on in the "
                         "background, the run directory has every result", self.finish_budget_s)  # fmt: skip
             self.run = None
 
 
+class TensorBoardRun:
+    """TensorBoard event files of one run: every value W&B gets, against the optimizer step, and the hparams.
+
+    ``train/loss`` is the loss read every ``log_every_n_steps`` steps; an
+    epoch's mean training loss is ``train/epoch_loss``.
+
+    The hparams (``cell``, ``arm``, ``seed``, data, model, optimizer, lr, s,
+    experiment, scale) let TensorBoard's HParams view group a figure's runs
+    by cell and arm, with the selected validation value and the test value at
+    it (``summary/best_val``, ``summary/test``) as their metrics. A resumed run
+    appends a new event file and drops the events logged after its
+    checkpoint's step (``purge_step``), so no step is shown twice.
+    """
+
+    def __init__(self, log_dir: Path, hparams: dict[str, Any], resume_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        # a resumed run keeps what was logged up to its checkpoint's step and drops what came after it
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+        for event in hparams_summary(hparams, {"summary/best_val": 0.0, "summary/test": 0.0}):
+            self.writer.file_writer.add_summary(event)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Every finite number of ``metrics`` at ``step`` (the step itself is the x axis, not a value)."""
+        for key, value in metrics.items():
+            if key == "step":
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+
+    def finish(self, summary: Summary, step: int) -> None:
+        """The selected values as the hparams' metrics; the files flushed and closed."""
+        self.log({"summary/best_val": summary.best, "summary/test": summary.test}, step)
+        self.writer.close()
+
+
 class RunLogger:
-    """Writes the run directory's files and forwards everything to W&B when there is a run.
+    """Writes the run directory's files and forwards everything to W&B and TensorBoard when they are on.
 
     ``identity`` is the summary's description of the run (task, model, data,
     optimizer, xgrad, steps, seed, metric, mode, ...); the outcome keys are
@@ -315,11 +352,14 @@ class RunLogger:
     """
 
     def __init__(self, run_dir: Path, identity: Identity, wandb_run: WandbRun | None = None,
-                 writes: bool = True):  # fmt: skip
+                 writes: bool = True, tensorboard: TensorBoardRun | None = None):  # fmt: skip
         self.run_dir = run_dir
         self.identity = identity
         self.wandb = wandb_run
+        self.tensorboard = tensorboard
         self.writes = writes
+        self._last_step = 0  # the optimizer step of the last values logged
+        self._summary: Summary | None = None  # the last summary written
         self.metrics_file = run_dir / "metrics.jsonl"
         self.summary_file = run_dir / "summary.json"
         if writes:
@@ -330,18 +370,25 @@ class RunLogger:
         self._write_metrics(history)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Per-step values (training loss): W&B only; the local file has one line per epoch."""
+        """Per-step values (training loss): W&B and TensorBoard; the local file has one line per epoch."""
+        self._last_step = step
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        if self.tensorboard is not None:
+            self.tensorboard.log(metrics, step)
 
     def log_epoch(self, history: list[dict[str, Any]], files: dict[str, str]) -> None:
         """The epoch just finished is ``history[-1]``; ``files`` are a task's artefacts (images)."""
         self._write_metrics(history)
+        record = history[-1]
+        self._last_step = record["step"]
         if self.wandb is not None:
-            record = history[-1]
             self.wandb.log(record, step=record["step"])
             if files:
                 self.wandb.log_images(files, step=record["step"])
+        if self.tensorboard is not None:  # the epoch's mean loss apart from the step reads' train/loss
+            self.tensorboard.log({("train/epoch_loss" if k == "train/loss" else k): v for k, v in record.items()},
+                                 record["step"])  # fmt: skip
 
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
         if not self.writes:
@@ -392,9 +439,15 @@ class RunLogger:
             self.wandb.set_summary({k: v for k, v in summary.as_json().items() if not k.startswith("wandb_")})
         if self.writes:
             summary.write(self.summary_file)
+        self._summary = summary
         return summary
 
     def finish(self, status: str) -> None:
-        """End the W&B run, if any, as the run ended: ``completed``, ``failed`` or ``interrupted``."""
+        """End the W&B run, if any, as the run ended: ``completed``, ``failed`` or ``interrupted``; close
+        TensorBoard's files."""
         if self.wandb is not None:
             self.wandb.finish(status)
+        if self.tensorboard is not None:
+            last = self._summary if self._summary is not None else Summary(self.identity, status)
+            self.tensorboard.finish(last, self._last_step)
+            self.tensorboard = None

@@ -110,6 +110,13 @@ class Identity:
     backend: str | None = None  # their torch.distributed backend (None: one process)
     metric: str | None = None  # the validation metric that selects the epoch
     mode: str | None = None  # max | min: the metric's better direction
+    # the comparison the run belongs to, shared by every seed and both arms (xgrad/trained_config.py: cell)
+    cell: str | None = None
+
+    @property
+    def arm(self) -> str:
+        """``xgrad`` when the run predicts (s > 0), else ``baseline`` (s = 0 is exactly the base optimizer)."""
+        return "xgrad" if self.steps > 0 else "baseline"
 
 
 @dataclass
@@ -122,7 +129,7 @@ class Summary:
     """
 
     identity: Identity
-    status: str  # running | completed | failed | interrupted
+    status: str | None = None  # running | completed | failed | interrupted (None: a record that does not say)
     epochs: int = 0  # epochs finished
     best: float | None = None
     best_epoch: int | None = None
@@ -141,7 +148,7 @@ class Summary:
     TYPES = {
         "status": str, "data": str, "model": str, "optimizer": str, "metric": str, "mode": str, "experiment": str,
         "scale": str, "hardware": str, "precision": str, "backend": str, "data_variant": str, "xgrad": bool,
-        "steps": int, "seed": int, "epochs": int, "wall_time_s": (int, float),
+        "steps": int, "seed": int, "epochs": int, "wall_time_s": (int, float), "cell": str,
     }  # fmt: skip
 
     def as_json(self) -> dict[str, Any]:

@@ -16,7 +16,9 @@ exists, so a sweep job could leave no summary saying why. Checked here, inside
 the job, a refusal is one line and a sweep job records it (xgrad/train.py).
 
 An option is matched to its schema by a key every option has: ``optimizer.name``,
-``scheduler.name``, ``logger.name``, ``data.modality``, ``xgrad.enabled``.
+``scheduler.name``, ``data.modality``, ``xgrad.enabled``; ``trainer``,
+``model`` and ``logger`` have one schema each (``logger`` holds one key per
+chosen logger).
 A new option (a ``conf/optimizer/<name>.yaml``) needs a dataclass here too;
 until it has one it is refused, naming the options that have one.
 """
@@ -260,17 +262,24 @@ class Cosine:
 
 
 @dataclass
-class NoLogger:
-    name: str = constant("none")
-
-
-@dataclass
 class Wandb:
-    name: str = constant("wandb")
     project: str = key("xgrad-repro", TEXT)
     entity: Optional[str] = key(None, optional(TEXT))
     mode: Optional[str] = key(None, optional(one_of("online", "offline", "disabled")))
     init_timeout: float = key(60.0, number(0))
+
+
+@dataclass
+class TensorBoard:
+    subdir: str = key("tensorboard", TEXT)
+
+
+@dataclass
+class Loggers:
+    """The ``logger`` group: one key per chosen option (``logger=[wandb,tensorboard]`` chooses both; none: empty)."""
+
+    wandb: Optional[Wandb] = None
+    tensorboard: Optional[TensorBoard] = None
 
 
 @dataclass
@@ -347,7 +356,7 @@ GROUPS: dict[str, tuple[str | None, dict[Any, tuple[str, type]]]] = {
     "xgrad": ("enabled", {False: ("off", XGradOff), True: ("on", XGradOn)}),
     "optimizer": ("name", {c().name: (c().name, c) for c in (SGDM, RMSprop, Adam, AdamW, AdaBelief, AdaM3)}),
     "scheduler": ("name", {c().name: (c().name, c) for c in (NoScheduler, MultiStep, Cosine)}),
-    "logger": ("name", {c().name: (c().name, c) for c in (NoLogger, Wandb)}),
+    "logger": (None, {None: ("loggers", Loggers)}),
     "data": ("modality", {c().modality: (c().modality, c) for c in (ImageData, TextData, TranslationData)}),
     "model": (None, {None: ("model", Model)}),
 }

@@ -54,12 +54,12 @@ from xgrad.checkpoint import UnreadableCheckpoint
 from xgrad.data.base import DatasetMissingError
 from xgrad.distributed import Launch, LaunchRefused, RankFailed, World
 from xgrad.engine import TrainingFailed
-from xgrad.loggers import RunLogger, WandbRun, check_wandb_environment
+from xgrad.loggers import RunLogger, TensorBoardRun, WandbRun, check_wandb_environment
 from xgrad.preemption import Interrupted, StopSignals
 from xgrad.run_dir import RunDirectory, RunDirRefused, fingerprint, record_refusal
 from xgrad.records import Checkpoint, Identity, Summary
 from xgrad.schema import ConfigError
-from xgrad.trained_config import register_resolver
+from xgrad.trained_config import cell, register_resolver
 
 log = logging.getLogger(__name__)
 register_resolver()  # before Hydra composes anything: conf/sweep/figure.yaml names its run directories with it
@@ -117,7 +117,7 @@ def check_environment(cfg: DictConfig) -> None:
     a W&B mode W&B does not know (the launcher's variables are checked by :func:`xgrad.distributed.launch`)."""
     try:
         preemption.preempt_signal()
-        if cfg.logger.name == "wandb":
+        if cfg.logger.get("wandb") is not None:
             check_wandb_environment()
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -218,24 +218,33 @@ def describe(cfg: DictConfig, task: Any, data: Any, device: torch.device, world:
 
 
 def start_wandb(cfg: DictConfig, run_dir: Path, identity: Identity, run_id: str | None) -> WandbRun | None:
-    """The W&B run of this training run: paired by group, told apart by job_type and the ``s`` tag."""
-    steps = identity.steps
+    """The W&B run of this training run: paired by group (one seed's pair), told apart by job_type and the ``s``
+    tag; its config's ``cell`` and ``arm`` group a comparison's runs over seeds ("group by cell, then arm")."""
+    steps, settings = identity.steps, cfg.logger.wandb
     group = f"{cfg.data.name}-{cfg.model.name}-{cfg.optimizer.name}-seed{cfg.seed}"
-    job_type = "xgrad" if steps > 0 else "baseline"
     return WandbRun.start(
         run_dir,
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        mode=cfg.logger.mode,
-        init_timeout=cfg.logger.init_timeout,
+        project=settings.project,
+        entity=settings.entity,
+        mode=settings.mode,
+        init_timeout=settings.init_timeout,
         group=group,
-        job_type=job_type,
-        name=f"{group}-{job_type}" + (f"-s{steps}" if steps > 0 else ""),
+        job_type=identity.arm,
+        name=f"{group}-{identity.arm}" + (f"-s{steps}" if steps > 0 else ""),
         tags=[tag for tag in (identity.experiment, f"s={steps}") if tag],
-        config={**OmegaConf.to_container(cfg, resolve=True),
+        config={**OmegaConf.to_container(cfg, resolve=True), "cell": identity.cell, "arm": identity.arm,
                 "world_size": identity.world_size, "backend": identity.backend},  # fmt: skip
         run_id=run_id,
     )
+
+
+def start_tensorboard(cfg: DictConfig, run_dir: Path, identity: Identity, resume_step: int) -> TensorBoardRun:
+    """The TensorBoard event files of this training run, in ``<run_dir>/<logger.tensorboard.subdir>``."""
+    hparams = {"cell": identity.cell, "arm": identity.arm, "seed": identity.seed, "s": identity.steps,
+               "data": identity.data, "model": identity.model, "optimizer": identity.optimizer,
+               "lr": OmegaConf.select(cfg, "optimizer.lr"), "experiment": identity.experiment or "",
+               "scale": identity.scale or ""}  # fmt: skip
+    return TensorBoardRun(run_dir / cfg.logger.tensorboard.subdir, hparams, resume_step)
 
 
 @dataclasses.dataclass
@@ -313,11 +322,14 @@ def fit(cfg: DictConfig, parts: RunParts, directory: RunDirectory, start: Start)
     """
     world = parts.world
     identity = describe(cfg, parts.task, parts.data, parts.device, world, parts.model)
+    identity = dataclasses.replace(identity, cell=cell(start.fingerprint))
     saved = start.checkpoint
-    wandb_run = None
-    if cfg.logger.name == "wandb" and world.main:
+    wandb_run = tensorboard = None
+    if cfg.logger.get("wandb") is not None and world.main:
         wandb_run = start_wandb(cfg, directory.path, identity, saved.wandb_id if saved else None)
-    logger = RunLogger(directory.path, identity, wandb_run, writes=world.main)
+    if cfg.logger.get("tensorboard") is not None and world.main:
+        tensorboard = start_tensorboard(cfg, directory.path, identity, saved.step if saved else 0)
+    logger = RunLogger(directory.path, identity, wandb_run, writes=world.main, tensorboard=tensorboard)
     with StopSignals() as stop:
         try:
             checkpoint_extra = {"config": start.fingerprint, "wandb_id": wandb_run.id if wandb_run else None}

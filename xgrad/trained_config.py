@@ -2,7 +2,7 @@
 
 Two places ask "is this the same training run?": a run directory, before it
 lets a start resume it (:mod:`xgrad.run_dir`), and the reports, before they put
-two runs in one cell (:mod:`xgrad.report.runs`). Both must ignore the same
+two runs in one cell (:mod:`xgrad.report.cells`). Both must ignore the same
 keys — a run resumed on another device, with more threads or a longer
 ``trainer.epochs`` trains the same thing. The schema marks those keys on their
 fields (``trained=False``, xgrad/schema.py); both read them here, in a module
@@ -14,6 +14,8 @@ so that rerunning a figure with ``trainer.tf32=false`` finds the same runs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from xgrad.schema import not_trained
@@ -65,3 +67,19 @@ def recorded(fingerprint: dict[str, Any]) -> dict[str, Any]:
     added to it since; both readers must drop them alike.
     """
     return {k: v for k, v in fingerprint.items() if not is_ignored(k)}
+
+
+#: the groups whose settings define a comparison; the seed and the arm (``xgrad.*``) tell its runs apart
+CELL_GROUPS = ("data", "model", "optimizer", "scheduler", "trainer")
+
+
+def cell(trains: dict[str, Any]) -> str:
+    """The comparison a run belongs to, one string for every seed and both arms: ``<data>/<model>/<optimizer>/<digest>``.
+
+    ``trains`` is what the run trains (a fingerprint, xgrad/run_dir.py); the
+    digest covers every setting of :data:`CELL_GROUPS` in it, so two runs
+    share a cell exactly when they differ only in the seed and in prediction.
+    """
+    settings = {k: v for k, v in sorted(trains.items()) if k.split(".")[0] in CELL_GROUPS}
+    digest = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:8]
+    return "/".join(str(trains.get(k)) for k in ("data.name", "model.name", "optimizer.name")) + f"/{digest}"
