@@ -169,6 +169,7 @@ def _collectives(rank: int, port: int, out: Path) -> None:
         except Exception as error:  # noqa: BLE001 -- what each rank raises is the point
             seen[name] = [type(error).__name__, str(error)]
     (out / f"{rank}.json").write_text(json.dumps(seen))
+    world.barrier()  # both ranks done before either exits and tears the process group down
 
 
 def free_port() -> int:
