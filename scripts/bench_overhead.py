@@ -39,7 +39,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from xgrad import hardware, performance
+from xgrad import atomic, hardware, performance
 from xgrad.builder import benchmark_arm, build_data
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, to_device
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> Path:
     device = resolve_device(base.trainer.device)
     out = Path(base.overhead.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(rows, skipped, base.scale, hardware.describe(device), plan))
+    atomic.write_text(out, render(rows, skipped, base.scale, hardware.describe(device), plan))
     print(out)
     return out
 

@@ -40,7 +40,7 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from xgrad import WeightPredictor, hardware
+from xgrad import WeightPredictor, atomic, hardware
 from xgrad.models.lenet import LeNet5
 from xgrad.optim import AdaBelief, AdaM3
 from xgrad.rules import RECORD
@@ -352,10 +352,7 @@ def main(argv: list[str] | None = None) -> Path:
         r = rows[-1]
         print(f"{name:10s} time {r['time_ours']:.2f}x (processes {r['range'][0]:.2f}-{r['range'][1]:.2f}; "
               f"naive {r['time_naive']:.2f}x)  memory {r['mem_ours']:.3f}x (naive {r['mem_naive']:.3f}x)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(render(rows, small, device, args))
-    tmp.replace(args.out)
+    atomic.write_text(args.out, render(rows, small, device, args))
     print(f"wrote {args.out}")
     return args.out
 

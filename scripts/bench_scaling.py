@@ -37,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from xgrad import hardware
+from xgrad import atomic, hardware
 from xgrad.report.tables import benchmark_page, spread
 
 QUIET = ("logger=none", "trainer.progress=false", "trainer.limit_val_batches=1")
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> Path:
             for n, values in samples.items()]  # fmt: skip
     out = args.out or hardware.results_dir(where) / "scaling.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(rows, args, device, batch_size))
+    atomic.write_text(out, render(rows, args, device, batch_size))
     print(out)
     return out
 

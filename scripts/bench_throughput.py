@@ -44,7 +44,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from xgrad import hardware
+from xgrad import atomic, hardware
 from xgrad.builder import benchmark_arm, build_data
 from xgrad.data.base import DatasetMissingError
 from xgrad.engine import Engine, to_device
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> Path:
                   f"({row['baseline'] / row['xgrad']:.3f}x per iteration)", flush=True)  # fmt: skip
     out = args.out or hardware.results_dir(device) / "throughput.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(rows, skipped, hardware.describe(device), args))
+    atomic.write_text(out, render(rows, skipped, hardware.describe(device), args))
     print(out)
     return out
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
+from xgrad import atomic
 from xgrad.messages import first_line
 from xgrad.report.tables import markdown_table
 from xgrad.train import CONF_DIR, run
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"{r['model']:12s} {r['precision']:>4s} {'compiled' if compiled else '':8s} {r['status']:6s} "
                   f"{r['seconds']:6.1f} s  {r['loss']}", flush=True)  # fmt: skip
-            args.out.write_text(render(rows, args))  # after every check: a run cut short still leaves its table
+            atomic.write_text(args.out, render(rows, args))  # after every check: a run cut short still leaves its table
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 

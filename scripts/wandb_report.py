@@ -51,12 +51,15 @@ def sections(page: Path) -> list[Section]:
     runs = runs[runs["run.status"] == "completed"].copy()  # a job that died or never started has no curves to show
     runs["cell"] = [cell(json.loads(config)) for config in runs["run.config"]]
     header, rows = _main_table(page)
+    triples = runs.groupby(["data", "model", "optimizer"])["cell"].nunique()
     found = []
     for cell_id, group in runs.groupby("cell", sort=False):
         data, model, optimizer = group.iloc[0][["data", "model", "optimizer"]]
-        mine = [line for line in rows if _cells(line)[:3] == [data, model, optimizer]]
+        # the page names a cell set apart by a setting "adam (optimizer.lr=...)": its rows are all of the triple's
+        mine = [line for line in rows if _cells(line)[:2] == [data, model] and _cells(line)[2].split(" (")[0] == optimizer]
+        title = f"{data} · {model} · {optimizer}" + (f" · {cell_id.rsplit('/', 1)[1]}" if triples[data, model, optimizer] > 1 else "")
         found.append(Section(
-            cell=cell_id, title=f"{data} · {model} · {optimizer}", metric=str(group.iloc[0]["metric"]),
+            cell=cell_id, title=title, metric=str(group.iloc[0]["metric"]),
             steps=sorted({int(s) for s in group["s"] if int(s) > 0}), runs=len(group), rows=[*header, *mine],
         ))  # fmt: skip
     return found
@@ -65,7 +68,9 @@ def sections(page: Path) -> list[Section]:
 def _main_table(page: Path) -> tuple[list[str], list[str]]:
     """The header (two lines) and the rows of the page's first table."""
     lines = page.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| data | model |"))
+    start = next((i for i, line in enumerate(lines) if line.startswith("| data | model |")), None)
+    if start is None:
+        raise ValueError(f"{page} has no table of cells (no completed run?)")
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return lines[start : start + 2], lines[start + 2 : end]
 
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         found = sections(args.results / args.scale / f"{args.figure}.md")
-    except FileNotFoundError as missing:
+    except (FileNotFoundError, ValueError) as missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
     print(describe(args.figure, args.scale, found, args.entity, args.project))

@@ -267,15 +267,15 @@ def test_gpu_slots_are_claimed_once_each(tmp_path):
     first, second = claim_slot(tmp_path, 2), claim_slot(tmp_path, 2)
     assert (first[0], second[0]) == (0, 1)
     assert claim_slot(tmp_path, 2) is None  # both held
-    first[1].release()  # the worker holding GPU 0 exits
+    first[1].close()  # the worker holding GPU 0 exits
     again = claim_slot(tmp_path, 2)
     assert again[0] == 0
-    second[1].release()
+    second[1].close()
     child = subprocess.run([sys.executable, "-c", "import pathlib; from xgrad.callbacks import claim_slot; "
                             f"print(claim_slot(pathlib.Path({str(tmp_path)!r}), 2)[0])"],
                            capture_output=True, text=True, check=True)  # fmt: skip
     assert child.stdout.strip() == "1"  # another process: slot 0 is still held here, slot 1 was released
-    again[1].release()
+    again[1].close()
 
 
 

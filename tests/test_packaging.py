@@ -16,6 +16,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 #: the library: what a user copies into their own training code
 LIBRARY_FILES = ["xgrad/__init__.py", *(str(p.relative_to(REPO)) for p in sorted((REPO / "xgrad").glob("*.py"))
@@ -103,3 +105,13 @@ def test_the_package_ships_its_type_annotations():
     """PEP 561: a py.typed marker in the package, declared as package data so that wheels carry it."""
     assert (REPO / "xgrad" / "py.typed").is_file()
     assert "py.typed" in _pyproject()["tool"]["setuptools"]["package-data"]["xgrad"]
+
+
+@pytest.mark.parametrize("modules", ["xgrad.engine", "xgrad.trained_config, xgrad.records"])
+def test_the_engine_and_what_the_reports_share_with_it_load_neither_hydra_nor_omegaconf(modules):
+    """docs/design.md's import rules: the engine and the light modules read the schema's dataclasses and the records
+    without loading Hydra or OmegaConf (the schema registers itself with Hydra at the first check)."""
+    code = f"import sys, json, {modules}; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                           text=True, cwd=REPO).stdout))  # fmt: skip
+    assert not loaded & {"hydra", "omegaconf"}

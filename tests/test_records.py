@@ -49,7 +49,7 @@ def test_a_run_written_before_formats_were_numbered_resumes_and_is_complete(trai
     assert [line["epoch"] for line in metrics(run_dir)] == [1, 2] and summary(run_dir)["format"] == FORMAT
 
 
-@pytest.mark.parametrize("record", ["run.json", "checkpoints/last.pt"])
+@pytest.mark.parametrize("record", ["run.json", "summary.json", "checkpoints/last.pt"])
 def test_a_record_of_a_newer_format_is_refused_in_one_line_naming_it(train_run, tmp_path, record):
     from xgrad.checkpoint import UnreadableCheckpoint
     from xgrad.run_dir import RunDirRefused

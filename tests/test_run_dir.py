@@ -199,7 +199,7 @@ def test_a_sweep_refusal_is_recorded_only_where_no_run_lives(train_run, tmp_path
     record_refusal(tmp_path / "fresh", Identity(model="lenet"), "refused: something")
     written = summary(tmp_path / "fresh")
     expected = {"model": "lenet", "best": None, "final": None, "epochs": 0, "status": "failed",
-                "reason": "refused: something", "format": 1}  # fmt: skip
+                "reason": "refused: something", "format": 1, "arm": "baseline"}  # fmt: skip
     assert {k: written[k] for k in expected} == expected
     assert all(v in (None, False, 0) for k, v in written.items() if k not in expected)  # nothing else is known
     train_run(f"hydra.run.dir={tmp_path / 'fresh'}", *SMALL)  # a refusal's summary is no run: the fixed job trains

@@ -33,6 +33,8 @@ BAD_VALUES = [
     ("+foo=1", "foo=1: not a key of the config"),
     ("+trainer.epoch=2", r"trainer.epoch=2: not a key of trainer \(did you mean trainer.epochs\?\)"),
     ("logger.wandb.init_timeout=0", "logger.wandb.init_timeout=0: must be a finite number > 0"),
+    ("logger.wandb.init_timeout=abc", "logger.wandb.init_timeout='abc': must be a finite number > 0"),
+    ("+logger.wandb.projct=x", r"logger.wandb.projct='x': not a key of logger.wandb \(did you mean logger.wandb.project\?\)"),
     ("optimizer.lr=1e308", r"optimizer.lr=1e\+308: must be a finite number in \[0, 1000\]"),
     ("seed=4294967296", r"seed=4294967296: must be an integer in \[0, 2\*\*32 - 1\]"),
     ("seed=-1", r"seed=-1: must be an integer in \[0, 2\*\*32 - 1\]"),

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import metrics, summary
+from conftest import SimulatedCrash, fail_at_step, metrics, summary
 
 SMALL = ("data.batch_size=32", "data.eval_batch_size=100", "trainer.limit_train_batches=12")
 
@@ -62,6 +62,20 @@ def test_a_resumed_run_shows_each_step_once(train_run, tmp_path):
     assert series["val/acc"] == [(line["step"], pytest.approx(line["val/acc"])) for line in lines]
     steps = [s for s, _ in series["train/loss"]]
     assert steps == sorted(set(steps))
+
+
+def test_a_run_resumed_after_a_crash_drops_what_it_logged_after_its_checkpoint(train_run, tmp_path, monkeypatch):
+    """Epoch 1's checkpoint is at step 12; the crash at step 22 comes after the loss read at step 20, which the
+    resumed run logs again: TensorBoard shows it once (the first file's step 20 is purged)."""
+    run_dir = tmp_path / "run"
+    fail_at_step(monkeypatch, 22, SimulatedCrash("killed"))
+    with pytest.raises(SimulatedCrash):
+        train_run("logger=tensorboard", f"hydra.run.dir={run_dir}", "trainer.epochs=2", *SMALL)
+    assert [s for s, _ in scalars(run_dir / "tensorboard")["train/loss"]] == [10, 20]  # 20: after the checkpoint
+    train_run("logger=tensorboard", f"hydra.run.dir={run_dir}", "trainer.epochs=2", *SMALL)
+    series, lines = scalars(run_dir / "tensorboard"), metrics(run_dir)
+    assert [s for s, _ in series["train/loss"]] == [10, 20]
+    assert series["val/acc"] == [(line["step"], pytest.approx(line["val/acc"])) for line in lines]
 
 
 def _free_port() -> int:

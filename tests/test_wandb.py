@@ -191,5 +191,5 @@ def test_the_runs_of_one_comparison_share_a_cell_and_say_their_arm(fresh_wandb, 
     assert arms == ["baseline", "xgrad", "baseline", "xgrad", "xgrad", "baseline", "baseline"]
     assert len(set(cells[:5])) == 1 and len(set(cells)) == 3  # another lr, clipping: other cells
     assert cells[0].startswith("fashion_mnist/lenet/adam/")
-    assert [summary(d)["cell"] for d in dirs] == cells
+    assert [summary(d)["cell"] for d in dirs] == cells and [summary(d)["arm"] for d in dirs] == arms
     assert [c["seed"] for c in configs][:4] == [0, 0, 1, 1]  # the per-seed pairing is kept beside it

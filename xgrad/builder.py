@@ -31,15 +31,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from xgrad import distributed, performance
+from xgrad import distributed, performance, schema
 from xgrad.data.base import DatasetMissingError
 from xgrad.distributed import World
-from xgrad.messages import first_line
 from xgrad.engine import Engine
 from xgrad.loggers import RunLogger
+from xgrad.messages import first_line
 from xgrad.preemption import StopSignals
 from xgrad.records import Identity
-from xgrad import schema
 from xgrad.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,8 @@ class RunParts:
         )  # fmt: skip
 
 
-def build_run(cfg: DictConfig, device: torch.device, world: World | None = None, data: Any = None) -> RunParts:
+def build_run(cfg: DictConfig, device: torch.device, world: World | None = None, data: Any = None,
+              job: schema.Config | None = None) -> RunParts:  # fmt: skip
     """The parts of the run ``cfg`` describes, on ``device``, for this rank of ``world`` (default: one process).
 
     The order is the one every run has always had (it decides the random
@@ -82,10 +82,11 @@ def build_run(cfg: DictConfig, device: torch.device, world: World | None = None,
     scheduler; then the compiled and distributed wrappers, and the other
     ranks' random streams seeded apart. ``data``: a data module built earlier
     from the same config (:func:`build_data`), which the benchmarks share between
-    the runs they compare (building data draws no random numbers).
+    the runs they compare (building data draws no random numbers). ``job``:
+    ``cfg`` as the schema's typed object, when the caller has checked it already.
     """
     world = world if world is not None else World()
-    job = schema.check(cfg)  # the typed config: what the code below reads (the nodes it instantiates stay nodes)
+    job = job if job is not None else schema.check(cfg)  # what the code below reads (the nodes it builds stay nodes)
     trainer = job.trainer
     launcher = HydraConfig.get().launcher if HydraConfig.initialized() else None
     if (threads := performance.threads_per_job(trainer.num_threads, launcher)) is not None:

@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from filelock import FileLock, Timeout
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -124,25 +124,28 @@ def _describe(config: DictConfig) -> tuple[str, str, str | None]:
     return sweep_dir, experiment, config.get("scale")
 
 
-#: this process's GPU lock: (GPU index, the lock that holds it), once claimed
-_claimed: tuple[int, FileLock] | None = None
+#: this process's GPU lock: (GPU index, the open lock file that holds it), once claimed
+_claimed: tuple[int, IO] | None = None
 
 
-def claim_slot(lock_dir: Path, count: int) -> tuple[int, FileLock] | None:
-    """The first of ``count`` slots no other lock holds: (index, the held lock, to keep).
+def claim_slot(lock_dir: Path, count: int) -> tuple[int, IO] | None:
+    """The first of ``count`` slots no other open lock holds: (index, the lock file to keep open).
 
-    A held ``filelock`` lock on ``<lock_dir>/<index>.lock`` marks a slot taken
-    until it is released; the OS releases it when the process ends, however it
-    ends. None when every slot is taken.
+    An exclusive ``flock`` on ``<lock_dir>/<index>.lock`` marks a slot taken for
+    as long as the file stays open; the OS releases it when the process ends,
+    however it ends. None when every slot is taken. (Not ``filelock``: where
+    ``flock`` is missing it falls back to a lock file's existence, which a
+    killed worker would leave behind, holding its GPU for every later sweep.)
     """
     lock_dir.mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        lock = FileLock(lock_dir / f"{index}.lock", blocking=False)
+        handle = open(lock_dir / f"{index}.lock", "w")  # noqa: SIM115 -- kept open: it is the lock
         try:
-            lock.acquire()
-        except Timeout:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
             continue
-        return index, lock
+        return index, handle
     return None
 
 

@@ -115,8 +115,9 @@ class Engine:
     translation model's beam search). ``model`` is kept for plain state dicts.
     ``trainer``: the config's typed ``trainer`` group (xgrad/schema.py);
     ``channels_last``: whether batches go channels-last, as resolved for the
-    device (xgrad/performance.py). ``checkpoint_extra`` is stored in every checkpoint as is (the entry point
-    keeps the config and the W&B id there). ``stop`` is read after every step:
+    device (xgrad/performance.py). ``checkpoint_extra``: the entry point's
+    fields of every :class:`xgrad.records.Checkpoint` (``config``, ``wandb_id``).
+    ``stop`` is read after every step:
     when it holds a signal, the engine checkpoints and raises
     :class:`xgrad.preemption.Interrupted` (None: never stops early). ``world``:
     the ranks training together (default: this process alone).

@@ -1,4 +1,4 @@
-"""What a run reports: local files always, Weights & Biases when it is on.
+"""What a run reports: local files always, Weights & Biases and TensorBoard when they are on.
 
 Local files in the run directory (docs/design.md, "What a run leaves behind"):
 
@@ -27,7 +27,6 @@ ends W&B logging, not training.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math

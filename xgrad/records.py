@@ -33,9 +33,16 @@ class RecordError(ValueError):
     """A record that cannot be read: the message names the file (or record) and why, in one line."""
 
 
+class NewerFormat(RecordError):
+    """A record of a format this code does not know: written by a newer xgrad."""
+
+
 def check_format(data: Mapping, where: str) -> None:
     """Refuse a record whose ``format`` this code does not know (absent: format 0, the same layout as 1)."""
     version = data.get("format", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT:
+        raise NewerFormat(f"{where} is of format {version}; this version of xgrad reads formats 0 to {FORMAT} "
+                          "(a newer xgrad wrote it: read it with that one)")  # fmt: skip
     if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= FORMAT:
         raise RecordError(f"{where} is of format {version!r}; this version of xgrad reads formats 0 to {FORMAT} "
                           "(a newer xgrad wrote it: read it with that one)")  # fmt: skip
@@ -69,7 +76,7 @@ class RunRecord:
     """``run.json``: the run's fingerprint (xgrad/run_dir.py) and the ``trainer.epochs`` it was last started with."""
 
     config: dict[str, Any]
-    epochs: int
+    epochs: int | None  # None: a record that does not say (the length it aimed at is unknown)
 
     def write(self, path: Path) -> None:
         atomic.write_text(path, _dump({"format": FORMAT, "config": self.config, "epochs": self.epochs}))
@@ -79,8 +86,10 @@ class RunRecord:
         data = _read_object(path)
         check_format(data, str(path))
         config, epochs = data.get("config"), data.get("epochs")
-        if not isinstance(config, dict) or isinstance(epochs, bool) or not isinstance(epochs, int):
-            raise RecordError(f"{path} lacks its config (an object) or its epochs (an integer)")
+        if not isinstance(config, dict):
+            raise RecordError(f"{path} holds a config that is not a JSON object: {json.dumps(config)[:80]}")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int)):
+            raise RecordError(f"{path} holds epochs={json.dumps(epochs)[:80]}, not an integer")
         return cls(dict(config), epochs)
 
 
@@ -148,12 +157,14 @@ class Summary:
     TYPES = {
         "status": str, "data": str, "model": str, "optimizer": str, "metric": str, "mode": str, "experiment": str,
         "scale": str, "hardware": str, "precision": str, "backend": str, "data_variant": str, "xgrad": bool,
-        "steps": int, "seed": int, "epochs": int, "wall_time_s": (int, float), "cell": str,
+        "steps": int, "seed": int, "epochs": int, "wall_time_s": (int, float), "cell": str, "arm": str,
     }  # fmt: skip
 
     def as_json(self) -> dict[str, Any]:
-        """The summary as summary.json holds it: flat, identity first, ``test/<name>`` keys after ``test_final``."""
+        """The summary as summary.json holds it: flat, identity (and its arm) first, ``test/<name>`` keys after
+        ``test_final``."""
         out: dict[str, Any] = {f.name: getattr(self.identity, f.name) for f in fields(Identity)}
+        out["arm"] = self.identity.arm
         for f in fields(self):
             if f.name == "identity" or (f.name.startswith("wandb_") and self.wandb_run_id is None):
                 continue

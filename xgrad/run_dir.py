@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xgrad import atomic, checkpoint
 from xgrad.loggers import write_refusal
-from xgrad.records import Checkpoint, Identity, RecordError, RunRecord, Summary
+from xgrad.records import Checkpoint, Identity, NewerFormat, RecordError, RunRecord, Summary
 from xgrad.trained_config import RESUME_IGNORES, flatten, recorded, what_it_trains
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,15 @@ class RunDirectory:
                                 "hydra.run.dir") from None  # fmt: skip
 
     def _summary(self) -> Summary | None:
-        with contextlib.suppress(RecordError):
+        """The run's summary; None when it cannot be read (the run rewrites it), refused when a newer xgrad wrote it."""
+        try:
             return Summary.read(self.summary_file)
-        return None
+        except NewerFormat as error:
+            named = str(error).replace(self.summary_file.name, str(self.summary_file), 1)
+            raise RunDirRefused(f"{named}; go on training {self.path} with that version, or pass a new "
+                                "hydra.run.dir") from None  # fmt: skip
+        except RecordError:
+            return None
 
     # ------------------------------------------------------------------ the check
 

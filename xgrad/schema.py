@@ -23,19 +23,23 @@ A new option (a ``conf/optimizer/<name>.yaml``) needs a dataclass here too;
 until it has one it is refused, naming the options that have one.
 """
 
+from __future__ import annotations
+
 import difflib
+import functools
 import math
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, Optional, Union
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from xgrad.messages import first_line
+
+if TYPE_CHECKING:
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import DictConfig
 
 
 class ConfigError(ValueError):
@@ -361,11 +365,18 @@ GROUPS: dict[str, tuple[str | None, dict[Any, tuple[str, type]]]] = {
     "model": (None, {None: ("model", Model)}),
 }
 
-_store = ConfigStore.instance()
-_store.store(group="schema", name="config", node=Config)
-for _group, (_, _options) in GROUPS.items():
-    for _name, _schema in _options.values():
-        _store.store(group=f"schema/{_group}", name=_name, node=_schema)
+@functools.cache
+def _store() -> ConfigStore:
+    """Hydra's ConfigStore with every schema in it, registered at the first check (the engine and the reports
+    read the dataclasses above without loading Hydra)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group="schema", name="config", node=Config)
+    for group, (_, options) in GROUPS.items():
+        for name, schema in options.values():
+            store.store(group=f"schema/{group}", name=name, node=schema)
+    return store
 
 
 def not_trained() -> tuple[str, ...]:
@@ -383,7 +394,9 @@ def not_trained() -> tuple[str, ...]:
 
 
 def _stored(path: str) -> DictConfig:
-    return OmegaConf.create(_store.load(f"schema/{path}.yaml").node)  # a copy: the stored node stays as it is
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(_store().load(f"schema/{path}.yaml").node)  # a copy: the stored node stays as it is
 
 
 # ---------------------------------------------------------------------- the check
@@ -394,6 +407,9 @@ def check(cfg: DictConfig) -> Config:
 
     Refuses (:class:`ConfigError`, one line) any key the schema lacks and any value its rule does not allow.
     """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
     schema, chosen = _stored("config"), {}
     for group, (selector, options) in GROUPS.items():
         if group not in cfg:
@@ -431,6 +447,9 @@ def _apply_rules(obj: Any, given: Any, prefix: str) -> None:
 
 
 def _given(cfg: DictConfig, path: str) -> Any:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return OmegaConf.select(cfg, path, default=None)
     except OmegaConfBaseException:
@@ -439,6 +458,9 @@ def _given(cfg: DictConfig, path: str) -> Any:
 
 def _shown(cfg: DictConfig, path: str) -> str:
     """``key=value`` as given: the resolved value, or the interpolation when it does not resolve."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     dotted = re.sub(r"\[(\d+)\]", r".\1", path)
     try:
         value = OmegaConf.select(cfg, dotted, throw_on_missing=False)
@@ -453,24 +475,34 @@ def _shown(cfg: DictConfig, path: str) -> str:
 
 def _rule_at(chosen: dict[str, tuple[str, type]], path: str) -> Rule:
     """The rule of the field at ``path`` (a list item's is its list's; a key inside a free node has none)."""
-    parts = re.sub(r"\[\d+\]", "", path).split(".")
-    schema, name = (chosen[parts[0]][1], parts[1]) if parts[0] in chosen and len(parts) > 1 else (Config, parts[0])
-    found = {f.name: f for f in fields(schema)}.get(name)
+    parent, _, name = re.sub(r"\[\d+\]", "", path).rpartition(".")
+    schema = _schema_at(chosen, parent)
+    found = {f.name: f for f in fields(schema)}.get(name) if schema is not None else None
     return found.metadata.get("rule", ANYTHING) if found is not None else ANYTHING
+
+
+def _schema_at(chosen: dict[str, tuple[str, type]], path: str) -> type | None:
+    """The dataclass that describes the node at ``path`` ("" for the root; None: a free node, or no such key),
+    through the chosen options and the nested dataclasses (``logger.wandb``)."""
+    if not path:
+        return Config
+    group, *rest = path.split(".")
+    schema = chosen[group][1] if group in chosen else None
+    for name in rest:
+        hint = typing.get_type_hints(schema).get(name) if schema is not None else None
+        schema = next((t for t in (hint, *typing.get_args(hint)) if is_dataclass(t)), None)
+    return schema
 
 
 def _unknown_key(cfg: DictConfig, path: str, chosen: dict[str, tuple[str, type]]) -> str:
     """``key=value: not a key of <where>``, with the nearest allowed key and the allowed ones."""
     parent, _, name = path.rpartition(".")
-    group = parent.split(".")[0] if parent else ""
-    if group in chosen and parent == group:
-        option, schema = chosen[group]
-        where = f"{group}={option}" if GROUPS[group][0] in ("name", "enabled") else group
-        allowed = [f.name for f in fields(schema)]
-    elif parent:
-        where, allowed = parent, []
+    schema = _schema_at(chosen, parent)
+    allowed = [f.name for f in fields(schema)] if schema is not None else []
+    if parent in chosen and GROUPS[parent][0] in ("name", "enabled"):
+        where = f"{parent}={chosen[parent][0]}"
     else:
-        where, allowed = "the config", [f.name for f in fields(Config)]
+        where = parent or "the config"
     close = difflib.get_close_matches(name, allowed, n=1)
     hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
     keys = f"; its keys: {', '.join(allowed)}" if allowed else ""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import os
 import sys
@@ -99,12 +100,12 @@ def validate(cfg: DictConfig, where: Launch = Launch()) -> schema.Config:
     check_environment(cfg)
     device = resolve_device(job.trainer.device, where)
     ranks = where.world_size
-    if ranks > 1 and cfg.data.batch_size % ranks:
+    if ranks > 1 and job.data.batch_size % ranks:
         raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size}: not divisible by the {ranks} processes of this run (the batch "
+            f"data.batch_size={job.data.batch_size}: not divisible by the {ranks} processes of this run (the batch "
             f"size is global, each process trains on an equal share of every batch); use a multiple of {ranks}"
         )
-    if ranks > 1 and cfg.trainer.sync_batchnorm and device.type != "cuda":
+    if ranks > 1 and job.trainer.sync_batchnorm and device.type != "cuda":
         raise ConfigError(
             f"trainer.sync_batchnorm=true: synchronised batch norm needs CUDA devices (nccl); on the {device.type} "
             "each process normalises over its own share of the batch"
@@ -114,13 +115,17 @@ def validate(cfg: DictConfig, where: Launch = Launch()) -> schema.Config:
 
 def check_environment(cfg: DictConfig) -> None:
     """Refuse environment variables the run would trip over later: a preemption signal no handler can catch,
-    a W&B mode W&B does not know (the launcher's variables are checked by :func:`xgrad.distributed.launch`)."""
+    a W&B mode W&B does not know, TensorBoard chosen but not installed (the launcher's variables are checked by
+    :func:`xgrad.distributed.launch`)."""
     try:
         preemption.preempt_signal()
         if cfg.logger.get("wandb") is not None:
             check_wandb_environment()
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if cfg.logger.get("tensorboard") is not None and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger=tensorboard: the tensorboard package is not installed (pip install tensorboard, or "
+                          "the suite's extra: pip install -e '.[suite]')")  # fmt: skip
 
 
 def resolve_device(name: str, where: Launch = Launch()) -> torch.device:
@@ -273,12 +278,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> Summary:
     world = distributed.start(where, device)
     directory = open_run_dir(run_dir, world)
     with contextlib.ExitStack() as held:
-        world.from_rank_zero(lambda: held.enter_context(directory))  # the lock, until the run ends
+        world.from_rank_zero(lambda: lock(directory, held))
         start = plan_resume(directory, cfg, world)
         if start.completed is not None:
             log.info("%s has completed its %s epochs: nothing to train", directory.path, start.completed.epochs)
             return start.completed
-        parts = build_run(cfg, device, world)
+        parts = build_run(cfg, device, world, job=job)
         if start.checkpoint is not None:
             checkpoint.check_fits(directory.checkpoint_file, start.checkpoint, parts.model, parts.optimizer)
         parts.trainer = dataclasses.replace(parts.trainer, progress=job.trainer.progress and world.main)
@@ -287,6 +292,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> Summary:
     log.info("%s: best val/%s %s (epoch %s), final %s", summary.status, parts.task.metric, summary.best,
              summary.best_epoch, summary.final)  # fmt: skip
     return summary
+
+
+def lock(directory: RunDirectory, held: contextlib.ExitStack) -> None:
+    """Take the run directory's lock until ``held`` closes (the run's end); rank 0 alone locks."""
+    held.enter_context(directory)
 
 
 def open_run_dir(run_dir: str | Path | None, world: World) -> RunDirectory:

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from xgrad import atomic  # noqa: E402
 from xgrad.report.runs import Cell, Run  # noqa: E402
 from xgrad.report.stats import CONFIDENCE, mean_interval  # noqa: E402
 
@@ -98,6 +99,7 @@ def slug(cell: Cell) -> str:
 
 
 def _save(figure, path: Path) -> Path:
-    figure.savefig(path, dpi=120)
+    """Write the figure as a PNG in one rename (a killed process never leaves half a plot), then close it."""
+    atomic.replace(path, lambda f: figure.savefig(f, format="png", dpi=120))
     plt.close(figure)
     return path

@@ -9,7 +9,8 @@ the page from them alone, byte for byte (tests/test_reports.py).
 ``runs.csv`` starts with the columns a reader needs to redo a comparison —
 ``data, model, optimizer, s, seed, arm, metric, direction, value`` (``value``:
 the test metric at the epoch the validation split selected; ``arm``:
-``baseline`` or ``xgrad``; ``s``: XGrad's steps, 0 for a baseline) — then what
+``xgrad`` when the run predicts (s > 0), else ``baseline``, as in its
+summary.json; ``s``: XGrad's steps, 0 for a baseline) — then what
 says how the value was obtained (selected epoch, epochs and optimizer steps
 trained, lr, evaluation sizes, wall time, hardware, status), and last every
 other field of :class:`xgrad.report.runs.Run`, JSON-encoded where it is not a
@@ -53,7 +54,7 @@ def frames(runs: list[Run], relative_to: Path | None = None):
         sizes = {**(run.data_sizes or {}), **(run.evaluated or {})}  # what was evaluated, else the splits' sizes
         key = {
             "data": run.data, "model": run.model, "optimizer": run.optimizer, "s": run.steps if run.xgrad else 0,
-            "seed": run.seed, "arm": "xgrad" if run.xgrad else "baseline", "metric": run.metric,
+            "seed": run.seed, "arm": "xgrad" if run.xgrad and run.steps > 0 else "baseline", "metric": run.metric,
             "direction": run.mode, "value": run.test,
         }  # fmt: skip
         detail = {

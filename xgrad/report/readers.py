@@ -37,7 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from xgrad.messages import shortened
-from xgrad.records import RecordError, Summary
+from xgrad.records import RecordError, RunRecord, Summary
 from xgrad.report.runs import NOT_STARTED, UNREADABLE, Run
 from xgrad.trained_config import is_ignored, recorded, what_it_trains
 
@@ -254,10 +254,10 @@ def _trained_config(path: Path) -> dict:
     """
     record = path / "run.json"
     if record.is_file():
-        config = _json_object(record).get("config", {})
-        if not isinstance(config, dict):
-            raise Unreadable(f"run.json holds a config that is not a JSON object: {shortened(config)}")
-        return recorded(config)
+        try:
+            return recorded(RunRecord.read(record).config)
+        except RecordError as error:
+            raise Unreadable(str(error).replace(str(record), record.name)) from None
     composed = path / ".hydra" / "config.yaml"
     if not composed.is_file():
         return {}
@@ -434,7 +434,11 @@ _WANDB_STATES = {
 def _from_wandb(run) -> Run:
     """One W&B run (``wandb.apis.public.Run``) as a :class:`Run`, with its validation curve."""
     config, summary = run.config, run.summary
-    written = Summary.from_json({key: summary[key] for key in summary.keys()}, "the W&B summary")
+    try:
+        written = Summary.from_json({key: summary[key] for key in summary.keys()}, f"the W&B summary of {'/'.join(run.path)}")
+    except RecordError as error:  # this run is left out, named; the others are read
+        return Run(path=Path("wandb:" + "/".join(run.path)), status=UNREADABLE, reason=str(error),
+                   described="no readable record says what it ran")  # fmt: skip
 
     def get(dotted: str):
         return _lookup(config, dotted)
