@@ -67,7 +67,7 @@ class SweepReports(Callback):
     def __init__(self, results: str, notes: dict[str, list[str]] | None = None):
         self.results = Path(results)
         self.notes = {scale: list(lines) for scale, lines in (notes or {}).items()}
-        self._pending: tuple[str, str, str | None] | None = None
+        self._pending: tuple[str, str, str | None, dict | None] | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         require_cells(config)
@@ -87,10 +87,15 @@ class SweepReports(Callback):
             log.warning("the sweep did not end normally; writing its reports with what it left")
             self.write(*self._pending)
 
-    def write(self, sweep_dir: str, experiment: str, scale: str | None) -> Path | None:
-        """Write the table and the plots of ``sweep_dir``; return the table's path (None: no runs)."""
+    def write(self, sweep_dir: str, experiment: str, scale: str | None, tuned: dict | None = None) -> Path | None:
+        """Write the table and the plots of ``sweep_dir``; return the table's path (None: no runs).
+
+        ``tuned``: the ``tuned`` node of experiments/tuned.yaml's final stage, whose lr grid (each arm's
+        validation scores and choice) the table's notes then list.
+        """
         from xgrad.report import group_cells, load_runs, raw
         from xgrad.report.plots import write_plots
+        from xgrad.report.tuning import grid_notes
 
         try:
             runs = load_runs([sweep_dir])
@@ -99,7 +104,10 @@ class SweepReports(Callback):
             return None
         title = f"XGrad vs baseline: {experiment}" + (f" ({scale} scale)" if scale else "")
         table = self.results / f"{experiment}.md"
-        raw.publish(runs, table, title, self.notes.get(scale or "", []), relative_to=Path.cwd())
+        notes = self.notes.get(scale or "", [])
+        if tuned is not None and tuned.get("stage") == "final":
+            notes = [*notes, *grid_notes(Path(tuned["grid_dir"]), [float(f) for f in tuned["grid"]])]
+        raw.publish(runs, table, title, notes, relative_to=Path.cwd())
         log.info("table: %s (raw data: %s)", table, table.with_suffix(""))
         cells = group_cells(runs)
         if cells:
@@ -117,11 +125,15 @@ def _rank() -> int:
     return distributed.launch().rank
 
 
-def _describe(config: DictConfig) -> tuple[str, str, str | None]:
-    """(sweep directory, experiment name, scale) of a multirun's config."""
+def _describe(config: DictConfig) -> tuple[str, str, str | None, dict | None]:
+    """(sweep directory, experiment name, scale, the ``tuned`` node if any) of a multirun's config."""
+    from omegaconf import OmegaConf
+
     sweep_dir = str(config.hydra.sweep.dir)
     experiment = config.hydra.runtime.choices.get("experiment") or Path(sweep_dir).name
-    return sweep_dir, experiment, config.get("scale")
+    tuned = config.get("tuned")
+    tuned = {k: OmegaConf.to_container(tuned, resolve=False)[k] for k in ("stage", "grid", "grid_dir")} if tuned else None
+    return sweep_dir, experiment, config.get("scale"), tuned
 
 
 #: this process's GPU lock: (GPU index, the open lock file that holds it), once claimed

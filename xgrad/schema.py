@@ -352,6 +352,7 @@ class Config:
     protocol: Optional[dict[str, Any]] = key(None, ANYTHING)  # a protocol's per-optimizer numbers
     cells: Optional[dict[str, Any]] = key(None, ANYTHING)  # an experiment's cells per scale
     overhead: Optional[dict[str, Any]] = key(None, ANYTHING)  # the overhead benchmark's settings
+    tuned: Optional[dict[str, Any]] = key(None, ANYTHING)  # experiments/tuned.yaml: each arm's own lr
 
 
 #: group → (the key that picks the option's schema, {its value: (option name, schema)})

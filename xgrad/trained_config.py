@@ -41,11 +41,31 @@ def not_trained_keys(root: Any, also: Any = ()) -> list[str]:
 
 
 def register_resolver() -> None:
-    """``${xgrad_not_trained:[extra, keys]}`` in a config: :func:`not_trained_keys` of the whole config."""
+    """The suite's resolvers: ``${xgrad_not_trained:[extra, keys]}`` (:func:`not_trained_keys` of the whole config)
+    and ``${xgrad_tuned_lr:<protocol lr>}`` (:func:`tuned_lr`)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("xgrad_not_trained"):
         OmegaConf.register_new_resolver("xgrad_not_trained", lambda also=(), *, _root_: not_trained_keys(_root_, also))
+    if not OmegaConf.has_resolver("xgrad_tuned_lr"):
+        OmegaConf.register_new_resolver("xgrad_tuned_lr", lambda base, *, _root_: tuned_lr(base, _root_))
+
+
+def tuned_lr(base: float, root: Any) -> float:
+    """A run's lr in experiments/tuned.yaml: the protocol's ``base`` times the factor of its grid point
+    (``tuned.point``: an index into ``tuned.grid``), or, with ``tuned.point: chosen``, times the factor its arm's
+    grid runs scored best on validation (xgrad/report/tuning.py)."""
+    tuned = root.tuned
+    grid = [float(factor) for factor in tuned.grid]
+    if tuned.point != "chosen":
+        return base * grid[int(tuned.point)]
+    from pathlib import Path
+
+    from xgrad.report.tuning import chosen_factor
+
+    factor = chosen_factor(Path(tuned.grid_dir), grid, root.data.name, root.model.name, root.optimizer.name,
+                           bool(root.xgrad.enabled))  # fmt: skip
+    return base * factor
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

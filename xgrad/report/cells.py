@@ -120,7 +120,8 @@ def set_apart(runs: list[Run]) -> dict[int, tuple[tuple, tuple]]:
     Neighbours are the usable runs of the same (data, model, optimizer, scale).
     A key sets runs apart when its value differs among them — a key one run
     lacks counts as a value of its own — except the seed and the arm
-    (``xgrad.enabled``, ``xgrad.steps``). Returned per run as two tuples of
+    (``xgrad.enabled``, ``xgrad.steps``) and the keys a run's config names under
+    ``tuned.per_arm`` (each arm tuned for itself). Returned per run as two tuples of
     (dotted key, value): the keys every run has a say in, and the other
     ``xgrad.*`` keys (rule, decoupled decay), which mean something only for
     runs that predict and are compared among those alone (empty for a
@@ -134,7 +135,9 @@ def set_apart(runs: list[Run]) -> dict[int, tuple[tuple, tuple]]:
     settings = {}
     for group in neighbours.values():
         recorded = [run for run in group if run.config]
-        common = _differing_keys(recorded, lambda key: not key.startswith("xgrad."))
+        # keys each arm sets for itself (experiments/tuned.yaml: each arm at its own lr) pair the arms across them
+        per_arm = {key for run in recorded for key in run.config.get("tuned.per_arm") or ()}
+        common = _differing_keys(recorded, lambda key: not key.startswith("xgrad.") and key not in per_arm)
         predicting = _differing_keys([run for run in recorded if run.xgrad], lambda key: key.startswith("xgrad."))
         for run in group:
             settings[id(run)] = (_values(run, common), _values(run, predicting) if run.xgrad else ())

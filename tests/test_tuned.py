@@ -1,0 +1,89 @@
+"""experiments/tuned.yaml: each arm at its own learning rate, chosen on the validation split of a grid
+(xgrad/report/tuning.py, the ``xgrad_tuned_lr`` resolver), and the two arms paired by seed across their lrs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from test_experiments import compose_job
+from test_reports import write_run
+from xgrad.schema import ConfigError, check
+
+GRID = [0.25, 0.5, 1.0, 2.0, 4.0]
+
+
+def test_the_grid_stage_trains_every_arm_at_every_factor_of_the_protocols_lr_on_its_own_seed():
+    cfg = compose_job("tuned", "converged", ["tuned.stage=grid"], hydra=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    assert params["tuned.point"] == "0,1,2,3,4" and params["seed"] == "100" and params["optimizer"] == "sgdm,adam"
+    assert cfg.hydra.sweep.dir == "multirun/tuned/grid" == cfg.tuned.grid_dir
+    for cell, base in (("converged/fashion_mnist_lenet", {"sgdm": 0.1, "adam": 1e-3}), ("quick/mnist_vae", {"sgdm": 1e-3, "adam": 1e-3})):
+        for optimizer in ("sgdm", "adam"):
+            for point, factor in enumerate(GRID):
+                job = compose_job("tuned", "converged", ["tuned.stage=grid", f"protocol={cell}", f"optimizer={optimizer}",
+                                                         "xgrad=on", f"tuned.point={point}", "seed=100"])  # fmt: skip
+                typed = check(job)
+                assert typed.optimizer.lr == pytest.approx(base[optimizer] * factor), (cell, optimizer, point)
+
+
+def _grid(folder, scores: dict[tuple[str, bool], list[float | None]], mode="min"):
+    """A grid sweep on disk: one run per (optimizer, arm, point) whose best validation value is the score."""
+    for (optimizer, xgrad), values in scores.items():
+        for point, score in enumerate(values):
+            if score is None:
+                continue
+            run = folder / f"{optimizer}-{xgrad}-{point}"
+            write_run(run, data="mnist", model="vae", optimizer=optimizer, xgrad=xgrad, seed=100, metric="loss",
+                      mode=mode, curve=(score + 5, score), scale="converged")  # fmt: skip
+            record = {"seed": 100, "optimizer.name": optimizer, "xgrad.enabled": xgrad, "tuned.point": point}
+            (run / "run.json").write_text(json.dumps({"config": record, "epochs": 2}))
+
+
+def test_each_arm_takes_the_factor_its_grid_runs_scored_best_on_validation(tmp_path):
+    from xgrad.report.tuning import chosen_factor, grid_notes
+
+    _grid(tmp_path, {("adam", False): [130, 125, 120, 121, 140], ("adam", True): [131, 126, 122, 119, 139],
+                     ("sgdm", False): [150, 140, 140, 145, 160]})  # fmt: skip
+    assert chosen_factor(tmp_path, GRID, "mnist", "vae", "adam", False) == 1.0
+    assert chosen_factor(tmp_path, GRID, "mnist", "vae", "adam", True) == 2.0
+    assert chosen_factor(tmp_path, GRID, "mnist", "vae", "sgdm", False) == 1.0  # a tie: the factor nearest 1
+    with pytest.raises(ValueError, match=r"^no lr grid for mnist · vae · sgdm · XGrad in .*: run the grid stage first"):
+        chosen_factor(tmp_path, GRID, "mnist", "vae", "sgdm", True)
+    notes = grid_notes(tmp_path, GRID)
+    assert any("adam · XGrad" in line and "×2: 119," in line and line.endswith("chosen ×2.") for line in notes), notes
+
+
+def test_an_incomplete_grid_chooses_nothing_and_the_final_job_is_refused_in_one_line(tmp_path):
+    from xgrad.report.tuning import chosen_factor
+
+    _grid(tmp_path, {("adam", False): [130, None, 120, 121, 140]})
+    with pytest.raises(ValueError, match=r"lacks ×0\.5: run the grid stage first"):
+        chosen_factor(tmp_path, GRID, "mnist", "vae", "adam", False)
+    job = compose_job("tuned", "converged", ["protocol=quick/mnist_vae", "optimizer=adam", "xgrad=off", "seed=0",
+                                             f"tuned.grid_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        check(job)
+    assert "\n" not in str(refused.value) and "lacks ×0.5" in str(refused.value)
+
+
+def test_the_arms_pair_across_their_own_learning_rates_only_where_the_runs_say_so(tmp_path):
+    from xgrad.report import group_cells, load_runs
+
+    for per_arm in ([], ["optimizer.lr"]):
+        folder = tmp_path / str(len(per_arm))
+        for seed in range(3):
+            for xgrad, lr in ((False, 4e-3), (True, 2e-3)):
+                run = folder / f"{xgrad}{seed}"
+                write_run(run, optimizer="adam", xgrad=xgrad, seed=seed, curve=(0.5, 0.6 + 0.01 * seed + 0.02 * xgrad))
+                record = {"seed": seed, "optimizer.name": "adam", "optimizer.lr": lr, "xgrad.enabled": xgrad,
+                          "tuned.per_arm": per_arm}  # fmt: skip
+                (run / "run.json").write_text(json.dumps({"config": record, "epochs": 2}))
+        cells = group_cells(load_runs([folder]))
+        if per_arm:  # one comparison, three pairs, each arm at its lr
+            [cell] = cells
+            assert len(cell.baseline) == 3 and len(cell.xgrad[1]) == 3
+        else:  # the lr sets the runs apart: two cells, neither with both arms
+            assert len(cells) == 2 and all(not c.baseline or not c.xgrad for c in cells)

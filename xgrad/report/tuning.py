@@ -1,0 +1,84 @@
+"""Each arm at its own learning rate (experiments/tuned.yaml): the grid's validation scores and each arm's choice.
+
+The grid stage trains every (cell, optimizer, arm) at the protocol's lr times
+each factor of ``tuned.grid``, one seed apart from the final ones; the final
+stage trains each arm at the factor whose grid run scored best on the
+validation split (``best``: the best validation value over its epochs). Ties
+go to the factor nearest 1, the protocol's own lr. The choice is made here,
+read from the grid's run directories, when a final job's config resolves
+(``${xgrad_tuned_lr:...}``, xgrad/trained_config.py), so the same command run
+again makes the same choice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from xgrad.report.readers import load_runs
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of one cell on the grid: what it is and its validation score per grid point (None: missing)."""
+
+    data: str
+    model: str
+    optimizer: str
+    xgrad: bool
+    mode: str | None
+    scores: tuple[float | None, ...]
+
+    @property
+    def title(self) -> str:
+        return f"{self.data} · {self.model} · {self.optimizer} · {'XGrad' if self.xgrad else 'baseline'}"
+
+
+def grid_arms(grid_dir: Path, grid: list[float]) -> list[Arm]:
+    """Every arm the grid sweep in ``grid_dir`` trained, with its validation score at each grid point."""
+    scored: dict[tuple, dict[int, float]] = {}
+    modes: dict[tuple, str | None] = {}
+    for run in load_runs([grid_dir]) if grid_dir.is_dir() else []:
+        point = run.config.get("tuned.point") if run.config else None
+        if not run.usable or not isinstance(point, int) or not 0 <= point < len(grid):
+            continue
+        key = (run.data, run.model, run.optimizer, run.xgrad)
+        scored.setdefault(key, {})[point] = run.best
+        modes[key] = run.mode
+    return [Arm(*key, modes[key], tuple(scored[key].get(i) for i in range(len(grid)))) for key in sorted(scored)]
+
+
+def choose(arm: Arm, grid: list[float]) -> int:
+    """The grid point with the best validation score (ties: the factor nearest 1); ValueError when any is missing."""
+    missing = [f"×{grid[i]:g}" for i, score in enumerate(arm.scores) if score is None or not math.isfinite(score)]
+    if missing:
+        raise ValueError(f"the lr grid of {arm.title} lacks {', '.join(missing)}: run the grid stage first "
+                         "(python -m xgrad.train -m experiment=tuned tuned.stage=grid)")  # fmt: skip
+    sign = -1 if arm.mode == "max" else 1
+    return min(range(len(grid)), key=lambda i: (sign * arm.scores[i], abs(math.log(grid[i]))))
+
+
+def chosen_factor(grid_dir: Path, grid: list[float], data: str, model: str, optimizer: str, xgrad: bool) -> float:
+    """The lr factor the final stage trains this arm at; ValueError (one line) when its grid is incomplete."""
+    for arm in grid_arms(grid_dir, grid):
+        if (arm.data, arm.model, arm.optimizer, arm.xgrad) == (data, model, optimizer, xgrad):
+            return grid[choose(arm, grid)]
+    raise ValueError(f"no lr grid for {data} · {model} · {optimizer} · {'XGrad' if xgrad else 'baseline'} in "
+                     f"{grid_dir}: run the grid stage first (python -m xgrad.train -m experiment=tuned "
+                     "tuned.stage=grid)")  # fmt: skip
+
+
+def grid_notes(grid_dir: Path, grid: list[float]) -> list[str]:
+    """One line per arm: its validation score at every factor of the grid and the factor chosen."""
+    lines = []
+    for arm in grid_arms(grid_dir, grid):
+        shown = ", ".join(f"×{factor:g}: {'—' if score is None else f'{score:.4g}'}" for factor, score in zip(grid, arm.scores))
+        try:
+            best = choose(arm, grid)
+            edge = " (at the edge of the grid: a lr beyond it might score better still)" if best in (0, len(grid) - 1) else ""
+            choice = f"chosen ×{grid[best]:g}{edge}"
+        except ValueError:
+            choice = "no choice yet: grid incomplete"
+        lines.append(f"lr grid, {arm.title} (best validation value per factor of the protocol's lr): {shown}; {choice}.")
+    return lines
