@@ -62,8 +62,8 @@ def test_an_incomplete_grid_chooses_nothing_and_the_final_job_is_refused_in_one_
     _grid(tmp_path, {("adam", False): [130, None, 120, 121, 140]})
     with pytest.raises(ValueError, match=r"lacks ×0\.5: run the grid stage first"):
         chosen_factor(tmp_path, GRID, "mnist", "vae", "adam", False)
-    job = compose_job("tuned", "converged", ["protocol=quick/mnist_vae", "optimizer=adam", "xgrad=off", "seed=0",
-                                             f"tuned.grid_dir={tmp_path}"])  # fmt: skip
+    job = compose_job("tuned", "converged", ["tuned.stage=final", "protocol=quick/mnist_vae", "optimizer=adam",
+                                             "xgrad=off", "tuned.point=chosen", "seed=0", f"tuned.grid_dir={tmp_path}"])  # fmt: skip
     with pytest.raises(ConfigError) as refused:
         check(job)
     assert "\n" not in str(refused.value) and "lacks ×0.5" in str(refused.value)

@@ -54,7 +54,7 @@ def choose(arm: Arm, grid: list[float]) -> int:
     missing = [f"×{grid[i]:g}" for i, score in enumerate(arm.scores) if score is None or not math.isfinite(score)]
     if missing:
         raise ValueError(f"the lr grid of {arm.title} lacks {', '.join(missing)}: run the grid stage first "
-                         "(python -m xgrad.train -m experiment=tuned tuned.stage=grid)")  # fmt: skip
+                         "(python -m xgrad.train -m experiment=tuned)")  # fmt: skip
     sign = -1 if arm.mode == "max" else 1
     return min(range(len(grid)), key=lambda i: (sign * arm.scores[i], abs(math.log(grid[i]))))
 
@@ -65,8 +65,7 @@ def chosen_factor(grid_dir: Path, grid: list[float], data: str, model: str, opti
         if (arm.data, arm.model, arm.optimizer, arm.xgrad) == (data, model, optimizer, xgrad):
             return grid[choose(arm, grid)]
     raise ValueError(f"no lr grid for {data} · {model} · {optimizer} · {'XGrad' if xgrad else 'baseline'} in "
-                     f"{grid_dir}: run the grid stage first (python -m xgrad.train -m experiment=tuned "
-                     "tuned.stage=grid)")  # fmt: skip
+                     f"{grid_dir}: run the grid stage first (python -m xgrad.train -m experiment=tuned)")  # fmt: skip
 
 
 def grid_notes(grid_dir: Path, grid: list[float]) -> list[str]:
