@@ -83,12 +83,13 @@ QUIET=(logger=none trainer.progress=false trainer.device=$DEVICE data.root=$DATA
 FAILED=()
 SUMMARY=()
 limited() {  # limited SECONDS COMMAND...: COMMAND (a function too) in a process group of its own, stopped after SECONDS
-  local limit=$1 pid watchdog status
+  local limit=$1 pid watchdog status flag
   shift
+  flag=$(mktemp -u)  # made by the watchdog when it stops the command: stopped is stopped, however it then exits
   set -m  # job control: each background job gets its own process group, so a stop reaches its Python children
   "$@" &
   pid=$!
-  { sleep "$limit"; echo "stopped: the step's $limit s limit is up"; kill -TERM -- "-$pid"; sleep 5;
+  { sleep "$limit"; : > "$flag"; echo "stopped: the step's $limit s limit is up"; kill -TERM -- "-$pid"; sleep 5;
     kill -KILL -- "-$pid"; } 2>/dev/null &
   watchdog=$!
   set +m
@@ -96,6 +97,10 @@ limited() {  # limited SECONDS COMMAND...: COMMAND (a function too) in a process
   status=$?
   kill -- "-$watchdog" 2>/dev/null
   wait "$watchdog" 2>/dev/null
+  if [ -e "$flag" ]; then  # a command that handles SIGTERM itself (a run checkpoints and exits 1) was still stopped
+    rm -f "$flag"
+    return 143
+  fi
   return $status
 }
 
