@@ -87,3 +87,14 @@ def test_the_arms_pair_across_their_own_learning_rates_only_where_the_runs_say_s
             assert len(cell.baseline) == 3 and len(cell.xgrad[1]) == 3
         else:  # the lr sets the runs apart: two cells, neither with both arms
             assert len(cells) == 2 and all(not c.baseline or not c.xgrad for c in cells)
+
+
+def test_the_arms_of_a_tuned_comparison_share_one_cell_in_the_dashboards():
+    """W&B's cell pairs the arms as the report does: each arm's own lr (tuned.per_arm) does not split the cell."""
+    from xgrad.trained_config import cell
+
+    trains = {"data.name": "mnist", "model.name": "vae", "optimizer.name": "adam", "trainer.grad_clip": None, "seed": 0}
+    baseline, xgrad = {**trains, "optimizer.lr": 4e-3}, {**trains, "optimizer.lr": 2e-3, "xgrad.enabled": True}
+    assert cell(baseline) != cell(xgrad)  # without the mark: two settings
+    tuned = {"tuned.per_arm": ["optimizer.lr"]}
+    assert cell({**baseline, **tuned}) == cell({**xgrad, **tuned}) != cell({**baseline, **tuned, "trainer.grad_clip": 1.0})

@@ -43,9 +43,8 @@ def check_format(data: Mapping, where: str) -> None:
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT:
         raise NewerFormat(f"{where} is of format {version}; this version of xgrad reads formats 0 to {FORMAT} "
                           "(a newer xgrad wrote it: read it with that one)")  # fmt: skip
-    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= FORMAT:
-        raise RecordError(f"{where} is of format {version!r}; this version of xgrad reads formats 0 to {FORMAT} "
-                          "(a newer xgrad wrote it: read it with that one)")  # fmt: skip
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise RecordError(f"{where} holds format={json.dumps(version)}, not a format number (0 to {FORMAT})")
 
 
 def json_value(value: Any) -> Any:

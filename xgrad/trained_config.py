@@ -97,9 +97,12 @@ def cell(trains: dict[str, Any]) -> str:
     """The comparison a run belongs to, one string for every seed and both arms: ``<data>/<model>/<optimizer>/<digest>``.
 
     ``trains`` is what the run trains (a fingerprint, xgrad/run_dir.py); the
-    digest covers every setting of :data:`CELL_GROUPS` in it, so two runs
-    share a cell exactly when they differ only in the seed and in prediction.
+    digest covers every setting of :data:`CELL_GROUPS` in it but the keys each
+    arm sets for itself (``tuned.per_arm``, experiments/tuned.yaml: each arm's
+    own lr), so two runs share a cell exactly when they differ only in the
+    seed and in prediction, as the reports pair them (xgrad/report/cells.py).
     """
-    settings = {k: v for k, v in sorted(trains.items()) if k.split(".")[0] in CELL_GROUPS}
+    per_arm = set(trains.get("tuned.per_arm") or ())
+    settings = {k: v for k, v in sorted(trains.items()) if k.split(".")[0] in CELL_GROUPS and k not in per_arm}
     digest = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:8]
     return "/".join(str(trains.get(k)) for k in ("data.name", "model.name", "optimizer.name")) + f"/{digest}"
