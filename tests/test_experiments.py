@@ -40,10 +40,13 @@ VISION = ["lenet", "resnet34", "densenet121", "inception_v3", "vit"]
 QUICK_VISION = ["lenet", "resnet34", "densenet121", "vit"]
 TRAINING_FIGURES = ["cifar10", "cifar100", *OPTIMIZERS, "steps"]
 SCALES = ["paper", "quick", "converged"]
+#: the converged studies of SGDM and Adam beyond LeNet-5: experiment → its one cell
+CONVERGED_STUDIES = {"converged_vae": "converged/fashion_mnist_vae", "converged_resnet": "converged/fashion_mnist_resnet34",
+                     "converged_lstm": "converged/ptb_lstm1"}  # fmt: skip
 #: (figure, scale) of every sweep there is: cifar100 has no quick scale, the converged study only its own
 SWEEPS = [*((figure, "paper") for figure in TRAINING_FIGURES),
           *((figure, "quick") for figure in TRAINING_FIGURES if figure != "cifar100"),
-          ("converged", "converged"), ("converged_vae", "converged")]
+          ("converged", "converged"), *((study, "converged") for study in CONVERGED_STUDIES)]
 
 #: every cell (conf/protocol/<scale>/<cell>.yaml) and the (data, model) it must train
 CELLS = {
@@ -56,6 +59,8 @@ CELLS = {
     "quick/mnist_vae": ("mnist", "vae"),
     "converged/fashion_mnist_lenet": ("fashion_mnist", "lenet"),
     "converged/fashion_mnist_vae": ("fashion_mnist", "vae"),
+    "converged/fashion_mnist_resnet34": ("fashion_mnist", "resnet34"),
+    "converged/ptb_lstm1": ("ptb", "lstm1"),
 }
 
 
@@ -63,8 +68,8 @@ def figure_cells(figure: str, scale: str) -> list[str]:
     """The cells issue 5 asks of ``figure`` at ``scale`` (GNMT and Inception-V3 are not run at quick)."""
     if figure == "converged":
         return ["converged/fashion_mnist_lenet"]
-    if figure == "converged_vae":
-        return ["converged/fashion_mnist_vae"]
+    if figure in CONVERGED_STUDIES:
+        return [CONVERGED_STUDIES[figure]]
     if figure in ("cifar10", "cifar100"):
         if scale == "paper":
             return [f"paper/{figure}_{model}" for model in VISION]
@@ -89,7 +94,7 @@ def expected_jobs(figure: str, scale: str) -> list[tuple]:
     """(cell, optimizer, xgrad arm, seed) of every run of the figure."""
     all_six = figure in ("cifar10", "cifar100", "converged")
     optimizers = (OPTIMIZERS if all_six else ["adam"] if figure == "steps" else ["sgdm", "adam"]
-                  if figure == "converged_vae" else [figure])  # fmt: skip
+                  if figure in CONVERGED_STUDIES else [figure])  # fmt: skip
     arms = [("on", s) for s in range(5)] if figure == "steps" else [("off", 0), ("on", 1)]
     return [(c, o, a, s) for c in figure_cells(figure, scale) for o in optimizers for a in arms for s in SEEDS]
 
@@ -167,10 +172,18 @@ def test_every_cell_composes_to_the_protocol_with_every_optimizer(scale):
             assert (trainer["epochs"], resolved["scheduler"]["name"], resolved["data"]["batch_size"]) == (50, "none", 128)
             assert trainer["limit_train_batches"] is None and trainer["limit_val_batches"] is None, where
             continue
-        if scale == "converged":  # the CIFAR protocol's optimizer settings, a whole 20-epoch schedule
+        if cell == "converged/ptb_lstm1":  # the PTB protocol's optimizer settings at width 64, 6 whole epochs
+            assert opt["lr"] == (3.0 if optimizer == "sgdm" else 1e-3) and opt["weight_decay"] == 1.2e-6, where
+            assert (trainer["epochs"], resolved["scheduler"]["milestones"], trainer["grad_clip"]) == (6, [4], 0.25)
+            assert (resolved["data"]["batch_size"], resolved["data"]["bptt"], resolved["model"]["net"]["emb_size"]) == (
+                20, 35, 64)
+            assert trainer["limit_train_batches"] is None and trainer["limit_val_batches"] is None, where
+            continue
+        if scale == "converged":  # the CIFAR protocol's optimizer settings, a whole schedule (20 or 10 epochs)
             assert opt["lr"] == (0.1 if optimizer == "sgdm" else 1e-3), where
             assert opt["weight_decay"] == (1e-2 if optimizer == "adamw" else 5e-4), where
-            assert (trainer["epochs"], resolved["scheduler"]["milestones"]) == (20, [15]), where
+            schedule = (10, [7]) if cell == "converged/fashion_mnist_resnet34" else (20, [15])
+            assert (trainer["epochs"], resolved["scheduler"]["milestones"]) == schedule, where
             assert trainer["limit_train_batches"] is None and trainer["limit_val_batches"] is None, where
             continue
         if cell.startswith("paper/cifar"):

@@ -436,6 +436,28 @@ def test_convergence_and_area_under_the_curve_by_hand(tmp_path):
     assert row["AUC verdict"] == (BETTER if low > 0 else WORSE if high < 0 else NO_CLEAR_DIFFERENCE)
 
 
+def test_the_plateau_column_is_each_arms_mean_curve_over_its_last_quarter(tmp_path):
+    """Eight epochs: the last quarter is epochs 7-8; a one-epoch quarter (four epochs or fewer) cannot tell."""
+    base = [(0.1, 0.5, 0.6, 0.7, 0.8, 0.85, 0.90, 0.905), (0.2, 0.4, 0.6, 0.7, 0.8, 0.86, 0.88, 0.889)]
+    ours = [(0.1, 0.5, 0.6, 0.7, 0.8, 0.85, 0.80, 0.90), (0.2, 0.4, 0.6, 0.7, 0.8, 0.86, 0.82, 0.85)]
+    for seed in (0, 1):
+        write_run(tmp_path / "long" / f"off{seed}", seed=seed, curve=base[seed])
+        write_run(tmp_path / "long" / f"on{seed}", seed=seed, xgrad=True, curve=ours[seed])
+        write_run(tmp_path / "short" / f"off{seed}", seed=seed, model="vae", curve=base[seed][:4])
+        write_run(tmp_path / "short" / f"on{seed}", seed=seed, model="vae", xgrad=True, curve=ours[seed][:4])
+    rows = {row["model"]: row for row in table_rows(make_tables.main([str(tmp_path), "--out", str(tmp_path / "p.md")]))}
+    column = "val change over the last quarter (mean curve): base / XGrad"
+    # baseline: 0.89 → 0.897 is +0.79% (under 1%); XGrad: 0.81 → 0.875 is +8.02%
+    assert rows["lenet"][column] == "epochs 7–8: +0.79% / +8.02% (still moving)"
+    assert rows["vae"][column] == "—"
+    flat = [(0.1, 0.5, 0.6, 0.7, 0.8, 0.85, 0.90, 0.905)] * 2
+    for seed in (0, 1):
+        shutil.rmtree(tmp_path / "long" / f"on{seed}")
+        write_run(tmp_path / "long" / f"on{seed}", seed=seed, xgrad=True, curve=flat[seed])
+    rows = {row["model"]: row for row in table_rows(make_tables.main([str(tmp_path), "--out", str(tmp_path / "p.md")]))}
+    assert rows["lenet"][column] == "epochs 7–8: +0.79% / +0.56% (flat)"  # 0.90 → 0.905
+
+
 def _figure(root: Path, gains: list[float], *, spread=0.2, optimizer="adam", seeds=3) -> None:
     """One cell per gain (models m0, m1, ...), XGrad's test value = baseline's + gain ± a small seed wobble."""
     wobble = [0.0, spread, -spread, spread / 2, -spread / 2][:seeds]

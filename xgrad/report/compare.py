@@ -29,7 +29,7 @@ import numpy as np
 from xgrad.report.runs import Cell, Run
 from xgrad.report.stats import (
     ALPHA, BETTER, EQUIVALENT, NO_CLEAR_DIFFERENCE, TOO_FEW_SEEDS, WORSE, Paired, Pooled, TimeToTarget, bh_adjust, curve_mean, direction_sign, epochs_to_reach, margin_for, paired_difference,
-    pooled, pooled_target, time_to_target,
+    last_quarter_change, pooled, pooled_target, time_to_target,
 )  # fmt: skip
 
 #: what a comparison's verdict rests on
@@ -68,6 +68,9 @@ class Comparison:
     values: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
     #: each pair's validation-curve means over its common epochs: (baseline, XGrad)
     auc_values: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+    #: how far each arm's mean validation curve moved over its last quarter (stats.last_quarter_change):
+    #: (baseline, XGrad), None where it cannot tell
+    plateau: tuple[tuple | None, tuple | None] = (None, None)
     #: Benjamini–Hochberg adjusted p across the table's rows; set by :func:`compare`
     p_adjusted: float | None = None
 
@@ -127,6 +130,8 @@ def compare_arm(cell: Cell, steps: int | None, xgrad: Sequence[Run]) -> Comparis
         auc=paired_difference(*areas, cell.mode) if areas[0] else None,
         values=(base, ours),
         auc_values=areas,
+        plateau=(last_quarter_change(*mean_curve([b for b, _ in pairs])),
+                 last_quarter_change(*mean_curve([x for _, x in pairs]))),
     )
 
 
@@ -167,6 +172,15 @@ def curve_areas(pairs: Sequence[tuple[Run, Run]]) -> tuple[list[float], list[flo
             base.append(curve_mean([theirs[e] for e in common]))
             ours.append(curve_mean([mine[e] for e in common]))
     return base, ours
+
+
+def mean_curve(runs: Sequence[Run]) -> tuple[list[int], list[float]]:
+    """The runs' validation curves averaged per epoch, over the epochs every one of them has: (epochs, means)."""
+    curves = [dict(run.curve) for run in runs]
+    if not curves:
+        return [], []
+    epochs = sorted(set.intersection(*(set(curve) for curve in curves)))
+    return epochs, [float(np.mean([curve[epoch] for curve in curves])) for epoch in epochs]
 
 
 @dataclass

@@ -307,3 +307,21 @@ def epochs_to_reach(values: Sequence[float], target: float, mode: str) -> int | 
 def curve_mean(values: Sequence[float]) -> float | None:
     """The mean of a validation curve over its epochs: its area per epoch (None for an empty curve)."""
     return float(np.mean(values)) if len(values) else None
+
+
+#: a curve counts as flat (trained to its plateau) when it moved less than this fraction over its last quarter
+PLATEAU = 0.01
+
+
+def last_quarter_change(epochs: Sequence[int], values: Sequence[float]) -> tuple[int, int, float] | None:
+    """How far a curve moved over its last quarter: (first epoch, last epoch, (last − first) / |first|).
+
+    The last quarter is the last ⌈n/4⌉ of the curve's n epochs, compared from its
+    first epoch to its last; None when it holds a single epoch (nothing to
+    compare) or starts at 0 (no relative change).
+    """
+    quarter = math.ceil(len(values) / 4)
+    if quarter < 2 or values[-quarter] == 0:
+        return None
+    first, last = values[-quarter], values[-1]
+    return epochs[-quarter], epochs[-1], (last - first) / abs(first)

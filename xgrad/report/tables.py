@@ -27,8 +27,8 @@ from xgrad.report.compare import (
 )  # fmt: skip
 from xgrad.report.runs import Cell, Run
 from xgrad.report.stats import (
-    ALPHA, BETTER, EQUIVALENT, MARGINS, MIN_PAIRS, NO_CLEAR_DIFFERENCE, TARGET_FRACTION, TOO_FEW_SEEDS, WORSE, Paired,
-    TimeToTarget,
+    ALPHA, BETTER, EQUIVALENT, MARGINS, MIN_PAIRS, NO_CLEAR_DIFFERENCE, PLATEAU, TARGET_FRACTION, TOO_FEW_SEEDS, WORSE,
+    Paired, TimeToTarget,
 )
 
 #: the comparison table's columns, in order: what a reader needs to read a verdict (at most 10)
@@ -42,7 +42,7 @@ DETAIL_COLUMNS = [
     "best test over epochs (paper's habit, not a verdict basis): base / XGrad",
     "val target (both arms' mean curve)", *(f"{m} to target: base vs XGrad median (reached), p" for m in TIME_MEASURES),
     "val AUC (mean over epochs): base / XGrad", "Δ val AUC [95% CI]", "AUC verdict",
-    "epochs", "optimizer steps", "wall time s (base / XGrad)", "scale", "hardware",
+    "val change over the last quarter (mean curve): base / XGrad", "epochs", "optimizer steps", "wall time s (base / XGrad)", "scale", "hardware",
 ]  # fmt: skip
 
 #: the per-optimizer summary table's columns
@@ -153,7 +153,9 @@ def header(rows: Sequence[Comparison]) -> list[str]:
         " than any that did), so a median is \"never\" when over half did not; p: Wilcoxon signed-rank test of the"
         " paired times, censored ones ranked last. **Val AUC**: the mean of the validation"
         " metric over the epochs both runs of a pair have (area under the curve per epoch), with its own paired"
-        " interval and verdict.",
+        " interval and verdict. **Plateau**: each arm's mean validation curve's relative change across the last"
+        " quarter of its epochs (the last ⌈epochs/4⌉, from the first to the last of them; — when that is one epoch);"
+        f" `flat` when both arms moved less than {100 * PLATEAU:g}%, the criterion for a run trained to its plateau.",
     ]
     lines += [f"**Schedule**: {line}" for line in schedule_lines(rows)]
     return [f"- {line}" for line in lines]
@@ -232,11 +234,20 @@ def _details(row: Comparison) -> list[str]:
         number(row.convergence.target, ".4g") if row.convergence else "—",
         *(_time_to_target(row, measure) for measure in TIME_MEASURES),
         f"{mean_std(row.auc_values[0])} / {mean_std(row.auc_values[1])}" if row.auc else "—",
-        interval(row.auc) if row.auc else "—", row.auc.verdict if row.auc else "—",
+        interval(row.auc) if row.auc else "—", row.auc.verdict if row.auc else "—", _plateau(row),
         distinct(run.epochs for run in everyone), distinct(run.optimizer_steps for run in everyone),
         f"{_mean(r.wall_time_s for r in base_runs)} / {_mean(r.wall_time_s for r in xgrad_runs)}",
         distinct(run.scale for run in everyone), distinct(run.where for run in everyone),
     ]  # fmt: skip
+
+
+def _plateau(row: Comparison) -> str:
+    """``epochs 8–10: +0.12% / +0.08% (flat)``: each arm's last-quarter change, and whether both are under PLATEAU."""
+    base, ours = row.plateau
+    if base is None or ours is None:
+        return "—"
+    flat = "flat" if max(abs(base[2]), abs(ours[2])) < PLATEAU else "still moving"
+    return f"epochs {base[0]}–{base[1]}: {100 * base[2]:+.2f}% / {100 * ours[2]:+.2f}% ({flat})"
 
 
 def _time_to_target(row: Comparison, measure: str) -> str:
