@@ -12,17 +12,20 @@ from test_experiments import compose_job
 from test_reports import write_run
 from xgrad.schema import ConfigError, check
 
-GRID = [0.25, 0.5, 1.0, 2.0, 4.0]
+GRID = [0.25, 0.5, 1.0, 2.0, 4.0]  # a grid for the choice's tests
+#: experiments/tuned.yaml's grid: 7 factors ×2 apart around the protocol's lr
+STUDY_GRID = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 
 
 def test_the_grid_stage_trains_every_arm_at_every_factor_of_the_protocols_lr_on_its_own_seed():
     cfg = compose_job("tuned", "converged", ["tuned.stage=grid"], hydra=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
-    assert params["tuned.point"] == "0,1,2,3,4" and params["seed"] == "100" and params["optimizer"] == "sgdm,adam"
+    assert params["tuned.point"] == "0,1,2,3,4,5,6" and cfg.tuned.grid == STUDY_GRID
+    assert params["seed"] == "100" and params["optimizer"] == "sgdm,adam"
     assert cfg.hydra.sweep.dir == "multirun/tuned/grid" == cfg.tuned.grid_dir
     for cell, base in (("converged/fashion_mnist_lenet", {"sgdm": 0.1, "adam": 1e-3}), ("quick/mnist_vae", {"sgdm": 1e-3, "adam": 1e-3})):
         for optimizer in ("sgdm", "adam"):
-            for point, factor in enumerate(GRID):
+            for point, factor in enumerate(STUDY_GRID):
                 job = compose_job("tuned", "converged", ["tuned.stage=grid", f"protocol={cell}", f"optimizer={optimizer}",
                                                          "xgrad=on", f"tuned.point={point}", "seed=100"])  # fmt: skip
                 typed = check(job)
@@ -59,9 +62,9 @@ def test_each_arm_takes_the_factor_its_grid_runs_scored_best_on_validation(tmp_p
 def test_an_incomplete_grid_chooses_nothing_and_the_final_job_is_refused_in_one_line(tmp_path):
     from xgrad.report.tuning import chosen_factor
 
-    _grid(tmp_path, {("adam", False): [130, None, 120, 121, 140]})
+    _grid(tmp_path, {("adam", False): [135, 130, None, 120, 121, 140, 150]})  # the study's grid but ×0.5
     with pytest.raises(ValueError, match=r"lacks ×0\.5: run the grid stage first"):
-        chosen_factor(tmp_path, GRID, "mnist", "vae", "adam", False)
+        chosen_factor(tmp_path, STUDY_GRID, "mnist", "vae", "adam", False)
     job = compose_job("tuned", "converged", ["tuned.stage=final", "protocol=quick/mnist_vae", "optimizer=adam",
                                              "xgrad=off", "tuned.point=chosen", "seed=0", f"tuned.grid_dir={tmp_path}"])  # fmt: skip
     with pytest.raises(ConfigError) as refused:
