@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import fail_at_step
 from test_experiments import compose_job
 from test_reports import write_run
+from xgrad.engine import TrainingFailed
 from xgrad.schema import ConfigError, check
 
 GRID = [0.25, 0.5, 1.0, 2.0, 4.0]  # a grid for the choice's tests
@@ -32,15 +36,16 @@ def test_the_grid_stage_trains_every_arm_at_every_factor_of_the_protocols_lr_on_
                 assert typed.optimizer.lr == pytest.approx(base[optimizer] * factor), (cell, optimizer, point)
 
 
-def _grid(folder, scores: dict[tuple[str, bool], list[float | None]], mode="min"):
+def _grid(folder, scores: dict[tuple[str, bool], list[float | None]], mode="min", data="mnist", model="vae",
+          metric="loss"):  # fmt: skip
     """A grid sweep on disk: one run per (optimizer, arm, point) whose best validation value is the score."""
     for (optimizer, xgrad), values in scores.items():
         for point, score in enumerate(values):
             if score is None:
                 continue
             run = folder / f"{optimizer}-{xgrad}-{point}"
-            write_run(run, data="mnist", model="vae", optimizer=optimizer, xgrad=xgrad, seed=100, metric="loss",
-                      mode=mode, curve=(score + 5, score), scale="converged")  # fmt: skip
+            write_run(run, data=data, model=model, optimizer=optimizer, xgrad=xgrad, seed=100, metric=metric,
+                      mode=mode, curve=(score + 5 * (1 if mode == "min" else -1), score), scale="converged")  # fmt: skip
             record = {"seed": 100, "optimizer.name": optimizer, "xgrad.enabled": xgrad, "tuned.point": point}
             (run / "run.json").write_text(json.dumps({"config": record, "epochs": 2}))
 
@@ -70,6 +75,51 @@ def test_an_incomplete_grid_chooses_nothing_and_the_final_job_is_refused_in_one_
     with pytest.raises(ConfigError) as refused:
         check(job)
     assert "\n" not in str(refused.value) and "lacks ×0.5" in str(refused.value)
+
+
+def test_a_grid_run_that_diverged_scores_worst_while_one_that_failed_otherwise_leaves_its_point_missing(
+        train_run, monkeypatch, tmp_path):  # fmt: skip
+    """A real run stopped by a NaN loss at ×4 is that lr's outcome: the arm takes the best finite factor; a run that
+    failed for another reason (here a full disk) is no outcome, so the grid is incomplete until it is rerun."""
+    from xgrad.report.tuning import chosen_factor, grid_notes
+
+    grid = tmp_path / "grid"
+    _grid(grid, {("adam", False): [80.0, 85.0, None, 86.0, None]}, mode="max", data="fashion_mnist", model="lenet",
+          metric="acc")  # fmt: skip
+    diverged = grid / "adam-False-4"
+    fail_at_step(monkeypatch, 1)
+    with pytest.raises(TrainingFailed):
+        train_run(f"hydra.run.dir={diverged}", "trainer.log_every_n_steps=1", "data.batch_size=32")
+    record = json.loads((diverged / "run.json").read_text())
+    record["config"]["tuned.point"] = 4
+    (diverged / "run.json").write_text(json.dumps(record))
+    other = grid / "adam-False-2"
+    write_run(other, optimizer="adam", seed=100, curve=(0.5,), status="failed", reason="OSError: [Errno 28] No space "
+              "left on device", scale="converged")  # fmt: skip
+    (other / "run.json").write_text(json.dumps({"config": {"seed": 100, "optimizer.name": "adam", "tuned.point": 2}}))
+
+    with pytest.raises(ValueError, match=r"lacks ×1: run the grid stage first"):
+        chosen_factor(grid, GRID, "fashion_mnist", "lenet", "adam", False)
+    [line] = grid_notes(grid, GRID)
+    assert "×1: —, ×2: 86, ×4: diverged; no choice yet: grid incomplete." in line, line
+
+    shutil.rmtree(other)  # the point run again, to the end
+    _grid(grid, {("adam", False): [None, None, 84.0]}, mode="max", data="fashion_mnist", model="lenet", metric="acc")
+    assert chosen_factor(grid, GRID, "fashion_mnist", "lenet", "adam", False) == 2.0  # 86 at ×2; ×4 diverged
+    [line] = grid_notes(grid, GRID)
+    assert line.endswith("×4: diverged; chosen ×2."), line
+    job = compose_job("tuned", "converged", ["tuned.stage=final", "protocol=converged/fashion_mnist_lenet",
+                                             "optimizer=adam", "xgrad=off", "tuned.point=chosen", "seed=0",
+                                             f"tuned.grid_dir={grid}", f"tuned.grid=[{','.join(map(str, GRID))}]"])  # fmt: skip
+    assert check(job).optimizer.lr == pytest.approx(2 * 1e-3)
+
+
+def test_a_grid_that_diverged_at_every_factor_chooses_nothing():
+    from xgrad.report.tuning import Arm, choose
+
+    arm = Arm("mnist", "vae", "sgdm", True, "min", (math.inf, math.inf, math.inf, math.inf, math.inf))
+    with pytest.raises(ValueError, match=r"every lr of the grid of mnist · vae · sgdm · XGrad diverged"):
+        choose(arm, GRID)
 
 
 def test_the_arms_pair_across_their_own_learning_rates_only_where_the_runs_say_so(tmp_path):

@@ -73,7 +73,7 @@ from xgrad import checkpoint
 from xgrad.distributed import Step, World
 from xgrad.loggers import RunLogger
 from xgrad.preemption import Interrupted, StopSignals
-from xgrad.records import Checkpoint, Summary
+from xgrad.records import DIVERGED, Checkpoint, Summary
 from xgrad.running_loss import RunningLoss
 from xgrad.schema import Precision, Trainer
 
@@ -348,7 +348,7 @@ class Engine:
         if not math.isfinite(reading.loss_sum):
             steps = f"step {reading.last_step}" if reading.first_step == reading.last_step else \
                 f"steps {reading.first_step}-{reading.last_step}"
-            raise TrainingFailed(f"non-finite training loss ({reading.loss_sum / reading.samples}) at {steps} (epoch "
+            raise TrainingFailed(f"{DIVERGED} ({reading.loss_sum / reading.samples}) at {steps} (epoch "
                                  f"{epoch + 1}; the loss is read every trainer.log_every_n_steps="
                                  f"{self.trainer.log_every_n_steps} steps)")  # fmt: skip
         position["loss_sum"], position["samples"] = reading.loss_sum, reading.samples

@@ -47,6 +47,11 @@ def check_format(data: Mapping, where: str) -> None:
         raise RecordError(f"{where} holds format={json.dumps(version)}, not a format number (0 to {FORMAT})")
 
 
+#: how the ``reason`` of a run stopped by a non-finite training loss begins (xgrad/engine.py writes it): such a run
+#: diverged, which an lr grid scores as the worst outcome rather than as a missing one (xgrad/report/tuning.py)
+DIVERGED = "non-finite training loss"
+
+
 def json_value(value: Any) -> Any:
     """JSON has no NaN or infinity: a diverged value is written as null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value

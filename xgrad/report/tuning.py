@@ -4,7 +4,10 @@ The grid stage trains every (cell, optimizer, arm) at the protocol's lr times
 each factor of ``tuned.grid``, one seed apart from the final ones; the final
 stage trains each arm at the factor whose grid run scored best on the
 validation split (``best``: the best validation value over its epochs). Ties
-go to the factor nearest 1, the protocol's own lr. The choice is made here,
+go to the factor nearest 1, the protocol's own lr. A grid run stopped by a
+non-finite training loss diverged at that lr: it scores the worst value there
+is (±inf), so its factor is never chosen, while a run that failed for any other
+reason, or never ran, leaves its point missing and the grid incomplete. The choice is made here,
 read from the grid's run directories, when a final job's config resolves
 (``${xgrad_tuned_lr:...}``, xgrad/trained_config.py), so the same command run
 again makes the same choice.
@@ -16,6 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from xgrad.records import DIVERGED
 from xgrad.report.readers import load_runs
 
 
@@ -28,7 +32,7 @@ class Arm:
     optimizer: str
     xgrad: bool
     mode: str | None
-    scores: tuple[float | None, ...]
+    scores: tuple[float | None, ...]  # ±inf, the worst value in the metric's direction: diverged at that factor
 
     @property
     def title(self) -> str:
@@ -41,20 +45,24 @@ def grid_arms(grid_dir: Path, grid: list[float]) -> list[Arm]:
     modes: dict[tuple, str | None] = {}
     for run in load_runs([grid_dir]) if grid_dir.is_dir() else []:
         point = run.config.get("tuned.point") if run.config else None
-        if not run.usable or not isinstance(point, int) or not 0 <= point < len(grid):
+        diverged = run.status == "failed" and (run.reason or "").startswith(DIVERGED) and run.mode in ("max", "min")
+        if not (run.usable or diverged) or not isinstance(point, int) or not 0 <= point < len(grid):
             continue
         key = (run.data, run.model, run.optimizer, run.xgrad)
-        scored.setdefault(key, {})[point] = run.best
+        scored.setdefault(key, {})[point] = (-math.inf if run.mode == "max" else math.inf) if diverged else run.best
         modes[key] = run.mode
     return [Arm(*key, modes[key], tuple(scored[key].get(i) for i in range(len(grid)))) for key in sorted(scored)]
 
 
 def choose(arm: Arm, grid: list[float]) -> int:
-    """The grid point with the best validation score (ties: the factor nearest 1); ValueError when any is missing."""
-    missing = [f"×{grid[i]:g}" for i, score in enumerate(arm.scores) if score is None or not math.isfinite(score)]
+    """The grid point with the best validation score (ties: the factor nearest 1); ValueError when any is missing
+    or every one diverged."""
+    missing = [f"×{grid[i]:g}" for i, score in enumerate(arm.scores) if score is None or math.isnan(score)]
     if missing:
         raise ValueError(f"the lr grid of {arm.title} lacks {', '.join(missing)}: run the grid stage first "
                          "(python -m xgrad.train -m experiment=tuned)")  # fmt: skip
+    if not any(math.isfinite(score) for score in arm.scores):
+        raise ValueError(f"every lr of the grid of {arm.title} diverged: widen tuned.grid towards smaller factors")
     sign = -1 if arm.mode == "max" else 1
     return min(range(len(grid)), key=lambda i: (sign * arm.scores[i], abs(math.log(grid[i]))))
 
@@ -72,12 +80,19 @@ def grid_notes(grid_dir: Path, grid: list[float]) -> list[str]:
     """One line per arm: its validation score at every factor of the grid and the factor chosen."""
     lines = []
     for arm in grid_arms(grid_dir, grid):
-        shown = ", ".join(f"×{factor:g}: {'—' if score is None else f'{score:.4g}'}" for factor, score in zip(grid, arm.scores))
+        shown = ", ".join(f"×{factor:g}: {_score(score)}" for factor, score in zip(grid, arm.scores))
         try:
             best = choose(arm, grid)
             edge = " (at the edge of the grid: a lr beyond it might score better still)" if best in (0, len(grid) - 1) else ""
             choice = f"chosen ×{grid[best]:g}{edge}"
-        except ValueError:
-            choice = "no choice yet: grid incomplete"
+        except ValueError as error:
+            choice = "no choice: every factor diverged" if "diverged" in str(error) else "no choice yet: grid incomplete"
         lines.append(f"lr grid, {arm.title} (best validation value per factor of the protocol's lr): {shown}; {choice}.")
     return lines
+
+
+def _score(score: float | None) -> str:
+    """A grid point's score as the page shows it: its value, ``diverged``, or ``—`` where no run scored it."""
+    if score is None:
+        return "—"
+    return f"{score:.4g}" if math.isfinite(score) else "diverged"
