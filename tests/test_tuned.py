@@ -36,6 +36,17 @@ def test_the_grid_stage_trains_every_arm_at_every_factor_of_the_protocols_lr_on_
                 assert typed.optimizer.lr == pytest.approx(base[optimizer] * factor), (cell, optimizer, point)
 
 
+def test_a_stage_named_on_the_command_line_or_not_finds_the_same_run_folders():
+    """The stage names the sweep folder (multirun/tuned/<stage>), not the runs in it: `tuned.stage=grid` written out
+    on a rerun of the grid's command must resume its runs, not train them again beside them."""
+    grid_job = ["protocol=converged/fashion_mnist_lenet", "optimizer=sgdm", "xgrad=off", "tuned.point=0", "seed=100"]
+    for stage, job, folder in (("grid", grid_job, "seed=100,tuned.point=0,xgrad=off"),
+                               ("final", [*grid_job[:3], "tuned.point=chosen", "seed=0"], "seed=0,tuned.point=chosen,xgrad=off")):  # fmt: skip
+        named = [compose_job("tuned", "converged", [*job, *stage_given], hydra=True).hydra
+                 for stage_given in ([], [f"tuned.stage={stage}"])]  # fmt: skip
+        assert [h.sweep.subdir for h in named] == [f"fashion_mnist-lenet/sgdm/{folder}"] * 2, stage
+
+
 def _grid(folder, scores: dict[tuple[str, bool], list[float | None]], mode="min", data="mnist", model="vae",
           metric="loss"):  # fmt: skip
     """A grid sweep on disk: one run per (optimizer, arm, point) whose best validation value is the score."""
