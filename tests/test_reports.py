@@ -787,9 +787,13 @@ def test_a_sweep_lists_every_job_its_record_defined_that_did_not_complete(tmp_pa
     (sweep / "1" / "summary.json").write_text(json.dumps(refused))
 
     monkeypatch.chdir(tmp_path)
-    missing = section(make_tables.main([str(sweep), "--out", str(tmp_path / "t.md")]), "Missing or failed runs")
+    page = make_tables.main([str(sweep), "--out", str(tmp_path / "t.md")])
+    missing = section(page, "Missing or failed runs")
     lines = missing.strip().splitlines()
     assert len(lines) == 3, missing  # each job once: the refused one, the dead one, the one that never started
+    # and the page says so at its top, before its first table: an unfinished sweep never looks complete
+    top = page.split("\n| ")[0]
+    assert "- **Not complete**: runs that are not in the tables: 1 failed, 1 missing, 1 not started" in top, top
     assert lines[0].startswith("- `sweep/1` (fashion_mnist · lenet · adam · XGrad s=1 · seed 0): failed: refused: x")
     assert lines[1].startswith("- `sweep/2` (fashion_mnist · lenet · sgdm · baseline · seed 0): missing: no summary.json")
     assert lines[2] == "- `sweep` (job #3: optimizer=sgdm xgrad=on): not started: no run directory in the sweep holds this job"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def render(runs: list[Run], title: str, notes: Iterable[str] = ()) -> str:
         f"# {title}",
         "",
         *header(rows),
+        *incomplete(runs),
         "",
         markdown_table(comparison_frame(rows)),
         "",
@@ -285,6 +287,17 @@ def verdict_lines(summaries: Sequence[GroupSummary]) -> list[str]:
     return [f"- **{group.label}**: {group.verdict} — {group.explanation}" for group in summaries] or [
         "- no completed runs."
     ]
+
+
+def incomplete(runs: list[Run]) -> list[str]:
+    """A header line when runs are not in the statistics (not started, interrupted, failed, ...): a page of a sweep
+    that has not finished says so at its top, not only in its last section."""
+    counts = Counter(run.status for run in runs if not run.usable)
+    if not counts:
+        return []
+    shown = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    return [f"- **Not complete**: runs that are not in the tables: {shown} (each under \"Missing or failed runs\"); "
+            "the sweep's command, run again, trains those not started and continues those interrupted."]
 
 
 def left_out(runs: list[Run], cells: list[Cell]) -> list[str]:
