@@ -125,12 +125,20 @@ def test_a_grid_run_that_diverged_scores_worst_while_one_that_failed_otherwise_l
     assert check(job).optimizer.lr == pytest.approx(2 * 1e-3)
 
 
-def test_a_grid_that_diverged_at_every_factor_chooses_nothing():
-    from xgrad.report.tuning import Arm, choose
+def test_a_grid_that_diverged_at_every_factor_chooses_nothing(tmp_path):
+    from xgrad.report.tuning import Arm, choose, grid_notes
 
     arm = Arm("mnist", "vae", "sgdm", True, "min", (math.inf, math.inf, math.inf, math.inf, math.inf))
     with pytest.raises(ValueError, match=r"every lr of the grid of mnist · vae · sgdm · XGrad diverged"):
         choose(arm, GRID)
+    for point in range(len(GRID)):  # the same on disk: every run stopped by a NaN loss, as the engine records it
+        run = tmp_path / str(point)
+        write_run(run, data="mnist", model="vae", optimizer="sgdm", xgrad=True, seed=100, metric="loss", mode="min",
+                  curve=(150.0,), status="failed", reason="non-finite training loss (nan) at step 3 (epoch 1; ...)",
+                  scale="converged")  # fmt: skip
+        (run / "run.json").write_text(json.dumps({"config": {"seed": 100, "tuned.point": point}}))
+    [line] = grid_notes(tmp_path, GRID)
+    assert line.endswith("×4: diverged; no choice: every factor diverged."), line
 
 
 def test_the_arms_pair_across_their_own_learning_rates_only_where_the_runs_say_so(tmp_path):

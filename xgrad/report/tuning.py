@@ -23,6 +23,10 @@ from xgrad.records import DIVERGED
 from xgrad.report.readers import load_runs
 
 
+class EveryFactorDiverged(ValueError):
+    """An arm's grid is complete, but every one of its runs diverged: there is no lr to choose."""
+
+
 @dataclass(frozen=True)
 class Arm:
     """One arm of one cell on the grid: what it is and its validation score per grid point (None: missing)."""
@@ -62,7 +66,8 @@ def choose(arm: Arm, grid: list[float]) -> int:
         raise ValueError(f"the lr grid of {arm.title} lacks {', '.join(missing)}: run the grid stage first "
                          "(python -m xgrad.train -m experiment=tuned)")  # fmt: skip
     if not any(math.isfinite(score) for score in arm.scores):
-        raise ValueError(f"every lr of the grid of {arm.title} diverged: widen tuned.grid towards smaller factors")
+        raise EveryFactorDiverged(f"every lr of the grid of {arm.title} diverged: widen tuned.grid towards smaller "
+                                  "factors")  # fmt: skip
     sign = -1 if arm.mode == "max" else 1
     return min(range(len(grid)), key=lambda i: (sign * arm.scores[i], abs(math.log(grid[i]))))
 
@@ -85,8 +90,10 @@ def grid_notes(grid_dir: Path, grid: list[float]) -> list[str]:
             best = choose(arm, grid)
             edge = " (at the edge of the grid: a lr beyond it might score better still)" if best in (0, len(grid) - 1) else ""
             choice = f"chosen ×{grid[best]:g}{edge}"
-        except ValueError as error:
-            choice = "no choice: every factor diverged" if "diverged" in str(error) else "no choice yet: grid incomplete"
+        except EveryFactorDiverged:
+            choice = "no choice: every factor diverged"
+        except ValueError:
+            choice = "no choice yet: grid incomplete"
         lines.append(f"lr grid, {arm.title} (best validation value per factor of the protocol's lr): {shown}; {choice}.")
     return lines
 
