@@ -809,12 +809,13 @@ def test_a_sweeps_jobs_come_from_its_params_and_command_line_whatever_its_folder
     (sweep / "multirun.yaml").write_text(
         "hydra:\n"
         "  sweep: {dir: multirun/fig/quick, subdir: '${data.name}/${hydra.job.override_dirname}'}\n"
+        "  job: {config: {override_dirname: {exclude_keys: [experiment, scale, stage]}}}\n"
         "  sweeper:\n"
         "    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
         "    max_batch_size: null\n"
         "    params: {protocol: '${cells.${scale}}', xgrad: 'off,on', seed: '0,1,2'}\n"
         "  overrides:\n"
-        "    task:\n    - experiment=fig\n    - scale=quick\n    - seed=0,1\n    - trainer.device=cpu\n"
+        "    task:\n    - experiment=fig\n    - scale=quick\n    - seed=0,1\n    - trainer.device=cpu\n    - stage=grid\n"
         "cells: {paper: 'p/a, p/b, p/c', quick: 'q/a, q/b'}\n"
         "scale: quick\n"
     )
@@ -828,14 +829,17 @@ def test_a_sweeps_jobs_come_from_its_params_and_command_line_whatever_its_folder
         write_run(folder, xgrad=xgrad == "on", seed=int(seed))
         # job #0 was first started on a GPU and not restarted since (it had completed): the device differs
         device = "cuda" if number == 0 else "cpu"
-        overrides = ["experiment=fig", "scale=quick", *job.split(), f"trainer.device={device}"]
+        # the rerun writes out stage=grid, a key the folder names leave out: the runs first started without it
+        # hold their jobs, and so does one started with it (#1); one of another stage (#7) does not
+        stage = {1: ["stage=grid"], 7: ["stage=final"]}.get(number, [])
+        overrides = ["experiment=fig", "scale=quick", *job.split(), f"trainer.device={device}", *stage]
         (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (sweep / "other").mkdir()  # a run of the sweep's folder whose trainer.epochs is not the job's is not that job
     write_run(sweep / "other" / "0", data="x")
     (sweep / "other" / "0" / ".hydra" / "overrides.yaml").write_text("- trainer.epochs=7\n")
 
     unstarted = [run for run in load_runs([sweep]) if run.status == NOT_STARTED]
-    assert [run.described for run in unstarted] == [f"job #5: {jobs[5]}", f"job #6: {jobs[6]}"]
+    assert [run.described for run in unstarted] == [f"job #5: {jobs[5]}", f"job #6: {jobs[6]}", f"job #7: {jobs[7]}"]
     assert all(run.path == sweep.resolve() for run in unstarted)
 
 

@@ -377,12 +377,13 @@ def unstarted_jobs(sweep: Path, runs: list[Run]) -> list[Run]:
         reason = f"{error}; the runs are not checked against the jobs the sweep defined"
         return [Run(path=sweep, status=UNREADABLE, reason=reason, described="the sweep's record of its jobs")]
     inside = [run for run in runs if run.path.is_relative_to(sweep)]
-    held = {_job_key(run.overrides) for run in inside if run.overrides is not None}
+    unnamed = _sweep_wide(sweep, [job for job, _ in jobs])
+    held = {_job_key(run.overrides, unnamed) for run in inside if run.overrides is not None}
     unrecorded = {run.path for run in inside if run.overrides is None}
     swept = [i for i in range(len(jobs[0][0])) if len({job[i] for job, _ in jobs}) > 1] if jobs else []
     missing = []
     for number, (job, folder) in enumerate(jobs):
-        if _job_key(job) in held or (folder is not None and folder.resolve() in unrecorded):
+        if _job_key(job, unnamed) in held or (folder is not None and folder.resolve() in unrecorded):
             continue
         shown = " ".join(job[i] for i in swept) if swept else " ".join(job)
         missing.append(Run(path=sweep, status=NOT_STARTED, reason="no run directory in the sweep holds this job",
@@ -390,17 +391,43 @@ def unstarted_jobs(sweep: Path, runs: list[Run]) -> list[Run]:
     return missing
 
 
-def _job_key(overrides: Iterable[str]) -> frozenset[str]:
-    """A job's overrides without those of :data:`~xgrad.trained_config.RESUME_IGNORES`, but with ``trainer.epochs``.
+def _sweep_wide(sweep: Path, jobs: list[list[str]]) -> frozenset[str]:
+    """The overrides every job of the sweep gives alike whose keys its run folders' names leave out
+    (``hydra.job.config.override_dirname.exclude_keys``: ``tuned.stage=grid`` written out, say).
+
+    Such an override cannot tell the sweep's jobs apart, and a job finds the
+    same folder with it or without it, so a run started without it, or with
+    that same value, is that job. Empty when the record does not say.
+    """
+    from xgrad.trained_config import register_resolver
+
+    register_resolver()
+    try:
+        excluded = OmegaConf.select(_yaml(sweep / "multirun.yaml"), "hydra.job.config.override_dirname.exclude_keys")
+        if isinstance(excluded, ListConfig):
+            excluded = OmegaConf.to_container(excluded, resolve=True)
+        excluded = {str(key) for key in excluded or ()}
+    except (OmegaConfBaseException, Unreadable, TypeError, ValueError):
+        return frozenset()
+    alike = set.intersection(*(set(job) for job in jobs)) if jobs else set()
+    return frozenset(o for o in alike if _key(o) in excluded)
+
+
+def _key(override: str) -> str:
+    """An override's dotted key, without its ``+``/``~`` prefix."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _job_key(overrides: Iterable[str], unnamed: frozenset[str] = frozenset()) -> frozenset[str]:
+    """A job's overrides without those of :data:`~xgrad.trained_config.RESUME_IGNORES` (but with ``trainer.epochs``)
+    and without ``unnamed`` (:func:`_sweep_wide`).
 
     A completed run is not restarted by a rerun of its sweep (on another
     device, say), so its record keeps the overrides of its first start; but a
     run of fewer epochs than its job asks for is not that job.
     """
-    def key(override: str) -> str:
-        return override.split("=", 1)[0].lstrip("+~")
-
-    return frozenset(o for o in overrides if key(o) == "trainer.epochs" or not is_ignored(key(o)))
+    return frozenset(o for o in overrides
+                     if o not in unnamed and (_key(o) == "trainer.epochs" or not is_ignored(_key(o))))  # fmt: skip
 
 
 def load_wandb_runs(project: str, experiment: str | None = None) -> list[Run]:
