@@ -843,6 +843,25 @@ def test_a_sweeps_jobs_come_from_its_params_and_command_line_whatever_its_folder
     assert all(run.path == sweep.resolve() for run in unstarted)
 
 
+def test_a_sweeps_params_may_call_the_suites_resolvers_in_a_process_that_never_trained(tmp_path):
+    """experiments/tuned.yaml sweeps ${xgrad_sweep:${tuned.grid}}: scripts/make_tables.py reads it without xgrad.train."""
+    from omegaconf import OmegaConf
+
+    from xgrad.report.readers import sweep_jobs
+
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n"
+        "  sweeper:\n"
+        "    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
+        "    params: {tuned.factor: '${xgrad_sweep:${tuned.grid}}', xgrad: 'off,on'}\n"
+        "  overrides: {task: [experiment=tuned]}\n"
+        "tuned: {grid: [0.125, 1.0, 8]}\n"
+    )
+    OmegaConf.clear_resolver("xgrad_sweep")
+    jobs = [job for job, _ in sweep_jobs(tmp_path)]
+    assert [job[0] for job in jobs[::2]] == ["tuned.factor=0.125", "tuned.factor=1", "tuned.factor=8"], jobs
+
+
 def test_unreadable_records_are_named_skipped_and_listed(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the table names run directories relative to here
     for seed in range(3):

@@ -24,40 +24,45 @@ STUDY_GRID = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 def test_the_grid_stage_trains_every_arm_at_every_factor_of_the_protocols_lr_on_its_own_seed():
     cfg = compose_job("tuned", "converged", ["tuned.stage=grid"], hydra=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
-    assert params["tuned.point"] == "0,1,2,3,4,5,6" and cfg.tuned.grid == STUDY_GRID
+    assert params["tuned.factor"] == "0.125,0.25,0.5,1,2,4,8" and cfg.tuned.grid == STUDY_GRID
     assert params["seed"] == "100" and params["optimizer"] == "sgdm,adam"
     assert cfg.hydra.sweep.dir == "multirun/tuned/grid" == cfg.tuned.grid_dir
     for cell, base in (("converged/fashion_mnist_lenet", {"sgdm": 0.1, "adam": 1e-3}), ("quick/mnist_vae", {"sgdm": 1e-3, "adam": 1e-3})):
         for optimizer in ("sgdm", "adam"):
-            for point, factor in enumerate(STUDY_GRID):
+            for factor in params["tuned.factor"].split(","):
                 job = compose_job("tuned", "converged", ["tuned.stage=grid", f"protocol={cell}", f"optimizer={optimizer}",
-                                                         "xgrad=on", f"tuned.point={point}", "seed=100"])  # fmt: skip
+                                                         "xgrad=on", f"tuned.factor={factor}", "seed=100"])  # fmt: skip
                 typed = check(job)
-                assert typed.optimizer.lr == pytest.approx(base[optimizer] * factor), (cell, optimizer, point)
+                assert typed.optimizer.lr == pytest.approx(base[optimizer] * float(factor)), (cell, optimizer, factor)
+    for bad in ("0", "-1", "x", "inf"):  # one line naming the value, before any work
+        job = compose_job("tuned", "converged", ["protocol=quick/mnist_vae", "optimizer=adam", f"tuned.factor={bad}"])
+        with pytest.raises(ConfigError, match=rf"tuned\.factor={bad!r}|tuned\.factor='?{bad}'?"):
+            check(job)
 
 
 def test_a_stage_named_on_the_command_line_or_not_finds_the_same_run_folders():
     """The stage names the sweep folder (multirun/tuned/<stage>), not the runs in it: `tuned.stage=grid` written out
     on a rerun of the grid's command must resume its runs, not train them again beside them."""
-    grid_job = ["protocol=converged/fashion_mnist_lenet", "optimizer=sgdm", "xgrad=off", "tuned.point=0", "seed=100"]
-    for stage, job, folder in (("grid", grid_job, "seed=100,tuned.point=0,xgrad=off"),
-                               ("final", [*grid_job[:3], "tuned.point=chosen", "seed=0"], "seed=0,tuned.point=chosen,xgrad=off")):  # fmt: skip
+    grid_job = ["protocol=converged/fashion_mnist_lenet", "optimizer=sgdm", "xgrad=off", "tuned.factor=0.125", "seed=100"]
+    for stage, job, folder in (("grid", grid_job, "seed=100,tuned.factor=0.125,xgrad=off"),
+                               ("final", [*grid_job[:3], "tuned.factor=chosen", "seed=0"], "seed=0,tuned.factor=chosen,xgrad=off")):  # fmt: skip
         named = [compose_job("tuned", "converged", [*job, *stage_given], hydra=True).hydra
                  for stage_given in ([], [f"tuned.stage={stage}"])]  # fmt: skip
         assert [h.sweep.subdir for h in named] == [f"fashion_mnist-lenet/sgdm/{folder}"] * 2, stage
 
 
 def _grid(folder, scores: dict[tuple[str, bool], list[float | None]], mode="min", data="mnist", model="vae",
-          metric="loss"):  # fmt: skip
-    """A grid sweep on disk: one run per (optimizer, arm, point) whose best validation value is the score."""
+          metric="loss", grid=GRID):  # fmt: skip
+    """A grid sweep on disk: one run per (optimizer, arm, factor of ``grid``) whose best validation value is the
+    score."""
     for (optimizer, xgrad), values in scores.items():
-        for point, score in enumerate(values):
+        for factor, score in zip(grid, values):
             if score is None:
                 continue
-            run = folder / f"{optimizer}-{xgrad}-{point}"
+            run = folder / f"{optimizer}-{xgrad}-{factor}"
             write_run(run, data=data, model=model, optimizer=optimizer, xgrad=xgrad, seed=100, metric=metric,
                       mode=mode, curve=(score + 5 * (1 if mode == "min" else -1), score), scale="converged")  # fmt: skip
-            record = {"seed": 100, "optimizer.name": optimizer, "xgrad.enabled": xgrad, "tuned.point": point}
+            record = {"seed": 100, "optimizer.name": optimizer, "xgrad.enabled": xgrad, "tuned.factor": factor}
             (run / "run.json").write_text(json.dumps({"config": record, "epochs": 2}))
 
 
@@ -75,14 +80,34 @@ def test_each_arm_takes_the_factor_its_grid_runs_scored_best_on_validation(tmp_p
     assert any("adam · XGrad" in line and "×2: 119," in line and line.endswith("chosen ×2.") for line in notes), notes
 
 
+def test_an_arm_trained_beyond_the_grid_chooses_among_every_factor_it_has(tmp_path):
+    """An arm best at the grid's low edge is trained at lower factors too (run folders are named by factor, so the
+    extension lands beside the grid): its choice is then bracketed, and its final job trains at it."""
+    from xgrad.report.tuning import chosen_factor, grid_notes
+
+    _grid(tmp_path, {("sgdm", False): [120, 125, 130, 135, 140]})  # best at ×0.25, the grid's lowest factor
+    assert chosen_factor(tmp_path, GRID, "mnist", "vae", "sgdm", False) == 0.25
+    [line] = grid_notes(tmp_path, GRID)
+    assert line.endswith("chosen ×0.25 (at the edge of the grid: a lr beyond it might score better still)."), line
+    _grid(tmp_path, {("sgdm", False): [119, 118]}, grid=[0.0625, 0.125])  # the extension: ×0.125 best, ×0.0625 worse
+    assert chosen_factor(tmp_path, GRID, "mnist", "vae", "sgdm", False) == 0.125
+    [line] = grid_notes(tmp_path, GRID)
+    assert "(best validation value per factor of the protocol's lr): ×0.0625: 119, ×0.125: 118, ×0.25: 120," in line
+    assert line.endswith("×4: 140; chosen ×0.125."), line
+    job = compose_job("tuned", "converged", ["tuned.stage=final", "protocol=quick/mnist_vae", "optimizer=sgdm",
+                                             "xgrad=off", "tuned.factor=chosen", "seed=0", f"tuned.grid_dir={tmp_path}",
+                                             f"tuned.grid=[{','.join(map(str, GRID))}]"])  # fmt: skip
+    assert check(job).optimizer.lr == pytest.approx(0.125 * 1e-3)
+
+
 def test_an_incomplete_grid_chooses_nothing_and_the_final_job_is_refused_in_one_line(tmp_path):
     from xgrad.report.tuning import chosen_factor
 
-    _grid(tmp_path, {("adam", False): [135, 130, None, 120, 121, 140, 150]})  # the study's grid but ×0.5
+    _grid(tmp_path, {("adam", False): [135, 130, None, 120, 121, 140, 150]}, grid=STUDY_GRID)  # all but ×0.5
     with pytest.raises(ValueError, match=r"lacks ×0\.5: run the grid stage first"):
         chosen_factor(tmp_path, STUDY_GRID, "mnist", "vae", "adam", False)
     job = compose_job("tuned", "converged", ["tuned.stage=final", "protocol=quick/mnist_vae", "optimizer=adam",
-                                             "xgrad=off", "tuned.point=chosen", "seed=0", f"tuned.grid_dir={tmp_path}"])  # fmt: skip
+                                             "xgrad=off", "tuned.factor=chosen", "seed=0", f"tuned.grid_dir={tmp_path}"])  # fmt: skip
     with pytest.raises(ConfigError) as refused:
         check(job)
     assert "\n" not in str(refused.value) and "lacks ×0.5" in str(refused.value)
@@ -97,17 +122,17 @@ def test_a_grid_run_that_diverged_scores_worst_while_one_that_failed_otherwise_l
     grid = tmp_path / "grid"
     _grid(grid, {("adam", False): [80.0, 85.0, None, 86.0, None]}, mode="max", data="fashion_mnist", model="lenet",
           metric="acc")  # fmt: skip
-    diverged = grid / "adam-False-4"
+    diverged = grid / "adam-False-4.0"
     fail_at_step(monkeypatch, 1)
     with pytest.raises(TrainingFailed):
         train_run(f"hydra.run.dir={diverged}", "trainer.log_every_n_steps=1", "data.batch_size=32")
     record = json.loads((diverged / "run.json").read_text())
-    record["config"]["tuned.point"] = 4
+    record["config"]["tuned.factor"] = 4.0
     (diverged / "run.json").write_text(json.dumps(record))
-    other = grid / "adam-False-2"
+    other = grid / "adam-False-1.0"
     write_run(other, optimizer="adam", seed=100, curve=(0.5,), status="failed", reason="OSError: [Errno 28] No space "
               "left on device", scale="converged")  # fmt: skip
-    (other / "run.json").write_text(json.dumps({"config": {"seed": 100, "optimizer.name": "adam", "tuned.point": 2}}))
+    (other / "run.json").write_text(json.dumps({"config": {"seed": 100, "optimizer.name": "adam", "tuned.factor": 1}}))
 
     with pytest.raises(ValueError, match=r"lacks ×1: run the grid stage first"):
         chosen_factor(grid, GRID, "fashion_mnist", "lenet", "adam", False)
@@ -120,7 +145,7 @@ def test_a_grid_run_that_diverged_scores_worst_while_one_that_failed_otherwise_l
     [line] = grid_notes(grid, GRID)
     assert line.endswith("×4: diverged; chosen ×2."), line
     job = compose_job("tuned", "converged", ["tuned.stage=final", "protocol=converged/fashion_mnist_lenet",
-                                             "optimizer=adam", "xgrad=off", "tuned.point=chosen", "seed=0",
+                                             "optimizer=adam", "xgrad=off", "tuned.factor=chosen", "seed=0",
                                              f"tuned.grid_dir={grid}", f"tuned.grid=[{','.join(map(str, GRID))}]"])  # fmt: skip
     assert check(job).optimizer.lr == pytest.approx(2 * 1e-3)
 
@@ -128,15 +153,15 @@ def test_a_grid_run_that_diverged_scores_worst_while_one_that_failed_otherwise_l
 def test_a_grid_that_diverged_at_every_factor_chooses_nothing(tmp_path):
     from xgrad.report.tuning import Arm, choose, grid_notes
 
-    arm = Arm("mnist", "vae", "sgdm", True, "min", (math.inf, math.inf, math.inf, math.inf, math.inf))
+    arm = Arm("mnist", "vae", "sgdm", True, "min", tuple(GRID), (math.inf,) * len(GRID))
     with pytest.raises(ValueError, match=r"every lr of the grid of mnist · vae · sgdm · XGrad diverged"):
-        choose(arm, GRID)
-    for point in range(len(GRID)):  # the same on disk: every run stopped by a NaN loss, as the engine records it
-        run = tmp_path / str(point)
+        choose(arm)
+    for factor in GRID:  # the same on disk: every run stopped by a NaN loss, as the engine records it
+        run = tmp_path / str(factor)
         write_run(run, data="mnist", model="vae", optimizer="sgdm", xgrad=True, seed=100, metric="loss", mode="min",
                   curve=(150.0,), status="failed", reason="non-finite training loss (nan) at step 3 (epoch 1; ...)",
                   scale="converged")  # fmt: skip
-        (run / "run.json").write_text(json.dumps({"config": {"seed": 100, "tuned.point": point}}))
+        (run / "run.json").write_text(json.dumps({"config": {"seed": 100, "tuned.factor": factor}}))
     [line] = grid_notes(tmp_path, GRID)
     assert line.endswith("×4: diverged; no choice: every factor diverged."), line
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from xgrad.schema import not_trained
@@ -41,31 +42,42 @@ def not_trained_keys(root: Any, also: Any = ()) -> list[str]:
 
 
 def register_resolver() -> None:
-    """The suite's resolvers: ``${xgrad_not_trained:[extra, keys]}`` (:func:`not_trained_keys` of the whole config)
-    and ``${xgrad_tuned_lr:<protocol lr>}`` (:func:`tuned_lr`)."""
+    """The suite's resolvers: ``${xgrad_not_trained:[extra, keys]}`` (:func:`not_trained_keys` of the whole config),
+    ``${xgrad_tuned_lr:<protocol lr>}`` (:func:`tuned_lr`) and ``${xgrad_sweep:<list>}`` (:func:`sweep_values`)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("xgrad_not_trained"):
         OmegaConf.register_new_resolver("xgrad_not_trained", lambda also=(), *, _root_: not_trained_keys(_root_, also))
     if not OmegaConf.has_resolver("xgrad_tuned_lr"):
         OmegaConf.register_new_resolver("xgrad_tuned_lr", lambda base, *, _root_: tuned_lr(base, _root_))
+    if not OmegaConf.has_resolver("xgrad_sweep"):
+        OmegaConf.register_new_resolver("xgrad_sweep", sweep_values)
 
 
 def tuned_lr(base: float, root: Any) -> float:
-    """A run's lr in experiments/tuned.yaml: the protocol's ``base`` times the factor of its grid point
-    (``tuned.point``: an index into ``tuned.grid``), or, with ``tuned.point: chosen``, times the factor its arm's
-    grid runs scored best on validation (xgrad/report/tuning.py)."""
+    """A run's lr in experiments/tuned.yaml: the protocol's ``base`` times its factor (``tuned.factor``), or, with
+    ``tuned.factor: chosen``, times the factor its arm's grid runs scored best on validation
+    (xgrad/report/tuning.py). ValueError (one line) for anything else."""
     tuned = root.tuned
-    grid = [float(factor) for factor in tuned.grid]
-    if tuned.point != "chosen":
-        return base * grid[int(tuned.point)]
+    if tuned.factor != "chosen":
+        factor = tuned.factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            raise ValueError(f"tuned.factor={factor!r}: expected a positive number (the lr's factor) or 'chosen'")
+        return base * factor
     from pathlib import Path
 
     from xgrad.report.tuning import chosen_factor
 
+    grid = [float(factor) for factor in tuned.grid]
     factor = chosen_factor(Path(tuned.grid_dir), grid, root.data.name, root.model.name, root.optimizer.name,
                            bool(root.xgrad.enabled))  # fmt: skip
     return base * factor
+
+
+def sweep_values(values: Any) -> str:
+    """A list as the comma-separated values of a Hydra sweep (``${xgrad_sweep:${tuned.grid}}``): the list is the
+    one place its values are written."""
+    return ",".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

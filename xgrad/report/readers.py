@@ -332,6 +332,9 @@ def sweep_jobs(sweep: Path) -> list[tuple[list[str], Path | None]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from xgrad.trained_config import register_resolver
+
+    register_resolver()  # the params may call the suite's resolvers (experiments/tuned.yaml: ${xgrad_sweep:...})
     record = _yaml(sweep / "multirun.yaml")
     sweeper, task = OmegaConf.select(record, "hydra.sweeper._target_"), OmegaConf.select(record, "hydra.overrides.task")
     if sweeper != _BASIC_SWEEPER:
@@ -401,7 +404,7 @@ def _sweep_wide(sweep: Path, jobs: list[list[str]]) -> frozenset[str]:
     """
     from xgrad.trained_config import register_resolver
 
-    register_resolver()
+    register_resolver()  # the names' exclude_keys are the suite's resolver (conf/sweep/figure.yaml)
     try:
         excluded = OmegaConf.select(_yaml(sweep / "multirun.yaml"), "hydra.job.config.override_dirname.exclude_keys")
         if isinstance(excluded, ListConfig):

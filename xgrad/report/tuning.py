@@ -1,10 +1,12 @@
 """Each arm at its own learning rate (experiments/tuned.yaml): the grid's validation scores and each arm's choice.
 
 The grid stage trains every (cell, optimizer, arm) at the protocol's lr times
-each factor of ``tuned.grid``, one seed apart from the final ones; the final
-stage trains each arm at the factor whose grid run scored best on the
-validation split (``best``: the best validation value over its epochs). Ties
-go to the factor nearest 1, the protocol's own lr. A grid run stopped by a
+each factor of ``tuned.grid`` (``tuned.factor``, which names the run folder),
+one seed apart from the final ones; an arm may also be trained at factors
+beyond the grid (where its best sat at the grid's edge), and every factor it
+has is then a candidate. The final stage trains each arm at the factor whose
+grid run scored best on the validation split (``best``: the best validation
+value over its epochs). Ties go to the factor nearest 1, the protocol's own lr. A grid run stopped by a
 non-finite training loss diverged at that lr: it scores the worst value there
 is (±inf), so its factor is never chosen, while a run that failed for any other
 reason, or never ran, leaves its point missing and the grid incomplete. The choice is made here,
@@ -29,14 +31,15 @@ class EveryFactorDiverged(ValueError):
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm of one cell on the grid: what it is and its validation score per grid point (None: missing)."""
+    """One arm of one cell on the grid: what it is and its validation score at each lr factor it has."""
 
     data: str
     model: str
     optimizer: str
     xgrad: bool
     mode: str | None
-    scores: tuple[float | None, ...]  # ±inf, the worst value in the metric's direction: diverged at that factor
+    factors: tuple[float, ...]  # ascending: every factor of the grid and any the arm was also trained at
+    scores: tuple[float | None, ...]  # per factor; None: missing; ±inf, the worst value there is: diverged
 
     @property
     def title(self) -> str:
@@ -44,24 +47,33 @@ class Arm:
 
 
 def grid_arms(grid_dir: Path, grid: list[float]) -> list[Arm]:
-    """Every arm the grid sweep in ``grid_dir`` trained, with its validation score at each grid point."""
-    scored: dict[tuple, dict[int, float]] = {}
+    """Every arm the grid sweep in ``grid_dir`` trained, with its validation score at each factor of ``grid`` and at
+    each further factor it was trained at (a grid extended for that arm: run folders are named by factor)."""
+    scored: dict[tuple, dict[float, float]] = {}
     modes: dict[tuple, str | None] = {}
     for run in load_runs([grid_dir]) if grid_dir.is_dir() else []:
-        point = run.config.get("tuned.point") if run.config else None
+        factor = run.config.get("tuned.factor") if run.config else None
         diverged = run.status == "failed" and (run.reason or "").startswith(DIVERGED) and run.mode in ("max", "min")
-        if not (run.usable or diverged) or not isinstance(point, int) or not 0 <= point < len(grid):
+        if not (run.usable or diverged) or not _is_factor(factor):
             continue
         key = (run.data, run.model, run.optimizer, run.xgrad)
-        scored.setdefault(key, {})[point] = (-math.inf if run.mode == "max" else math.inf) if diverged else run.best
+        scored.setdefault(key, {})[float(factor)] = (-math.inf if run.mode == "max" else math.inf) if diverged else run.best
         modes[key] = run.mode
-    return [Arm(*key, modes[key], tuple(scored[key].get(i) for i in range(len(grid)))) for key in sorted(scored)]
+    arms = []
+    for key in sorted(scored):
+        factors = tuple(sorted({*grid, *scored[key]}))
+        arms.append(Arm(*key, modes[key], factors, tuple(scored[key].get(f) for f in factors)))
+    return arms
 
 
-def choose(arm: Arm, grid: list[float]) -> int:
-    """The grid point with the best validation score (ties: the factor nearest 1); ValueError when any is missing
-    or every one diverged."""
-    missing = [f"×{grid[i]:g}" for i, score in enumerate(arm.scores) if score is None or math.isnan(score)]
+def _is_factor(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def choose(arm: Arm) -> float:
+    """The factor with the best validation score (ties: the one nearest 1); ValueError when any is missing or every
+    one diverged."""
+    missing = [f"×{f:g}" for f, score in zip(arm.factors, arm.scores) if score is None or math.isnan(score)]
     if missing:
         raise ValueError(f"the lr grid of {arm.title} lacks {', '.join(missing)}: run the grid stage first "
                          "(python -m xgrad.train -m experiment=tuned)")  # fmt: skip
@@ -69,27 +81,28 @@ def choose(arm: Arm, grid: list[float]) -> int:
         raise EveryFactorDiverged(f"every lr of the grid of {arm.title} diverged: widen tuned.grid towards smaller "
                                   "factors")  # fmt: skip
     sign = -1 if arm.mode == "max" else 1
-    return min(range(len(grid)), key=lambda i: (sign * arm.scores[i], abs(math.log(grid[i]))))
+    best = min(range(len(arm.factors)), key=lambda i: (sign * arm.scores[i], abs(math.log(arm.factors[i]))))
+    return arm.factors[best]
 
 
 def chosen_factor(grid_dir: Path, grid: list[float], data: str, model: str, optimizer: str, xgrad: bool) -> float:
     """The lr factor the final stage trains this arm at; ValueError (one line) when its grid is incomplete."""
     for arm in grid_arms(grid_dir, grid):
         if (arm.data, arm.model, arm.optimizer, arm.xgrad) == (data, model, optimizer, xgrad):
-            return grid[choose(arm, grid)]
+            return choose(arm)
     raise ValueError(f"no lr grid for {data} · {model} · {optimizer} · {'XGrad' if xgrad else 'baseline'} in "
                      f"{grid_dir}: run the grid stage first (python -m xgrad.train -m experiment=tuned)")  # fmt: skip
 
 
 def grid_notes(grid_dir: Path, grid: list[float]) -> list[str]:
-    """One line per arm: its validation score at every factor of the grid and the factor chosen."""
+    """One line per arm: its validation score at every factor it was trained at and the factor chosen."""
     lines = []
     for arm in grid_arms(grid_dir, grid):
-        shown = ", ".join(f"×{factor:g}: {_score(score)}" for factor, score in zip(grid, arm.scores))
+        shown = ", ".join(f"×{factor:g}: {_score(score)}" for factor, score in zip(arm.factors, arm.scores))
         try:
-            best = choose(arm, grid)
-            edge = " (at the edge of the grid: a lr beyond it might score better still)" if best in (0, len(grid) - 1) else ""
-            choice = f"chosen ×{grid[best]:g}{edge}"
+            best = choose(arm)
+            edge = " (at the edge of the grid: a lr beyond it might score better still)" if best in (arm.factors[0], arm.factors[-1]) else ""
+            choice = f"chosen ×{best:g}{edge}"
         except EveryFactorDiverged:
             choice = "no choice: every factor diverged"
         except ValueError:
