@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 continue
             kept += 1
             files += [run.path / name for name in RECORDS if (run.path / name).is_file()]
-    staged = subprocess.run(["git", "add", "-f", "--", *map(str, files)], capture_output=True, text=True)
+    # literal paths: run folders may be named with [ ] (tuned.grid=[...]), which git would read as a glob
+    staged = subprocess.run(["git", "--literal-pathspecs", "add", "-f", "--", *map(str, files)], capture_output=True,
+                            text=True)  # fmt: skip
     if staged.returncode:
         why = (staged.stderr.strip() or f"exit status {staged.returncode}").splitlines()[-1]
         sys.exit(f"keep_runs: git add failed: {why}")

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import main_with
-from test_reports import _script
+from test_reports import _script, write_run
 
 keep_runs = _script("keep_runs")
 
@@ -56,3 +56,17 @@ def test_a_folder_that_is_not_a_sweep_is_refused_before_anything_is_staged(tmp_p
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.endswith("a: not a sweep directory (no multirun.yaml)")
     assert git("status", "--porcelain", cwd=tmp_path) == ""
+
+
+def test_run_folders_named_with_brackets_stage_only_their_own_files(tmp_path, monkeypatch):
+    """``x=[1,2]`` read as a git glob would also match the folder ``x=1``, a run that did not complete."""
+    git("init", "-q", cwd=tmp_path)
+    sweep = tmp_path / "multirun" / "s"
+    write_run(sweep / "x=[1,2]", seed=0)
+    write_run(sweep / "x=1", seed=1, status="failed", reason="OSError: disk full")
+    (sweep / "multirun.yaml").write_text("a: 1\n")  # not Hydra's: its jobs are not listed, the runs still are
+    monkeypatch.chdir(tmp_path)
+    keep_runs.main(["multirun/s"])
+    staged = git("diff", "--cached", "--name-only", cwd=tmp_path).split()
+    assert "multirun/s/x=[1,2]/summary.json" in staged
+    assert not any(path.startswith("multirun/s/x=1/") for path in staged), staged

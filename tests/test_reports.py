@@ -829,17 +829,20 @@ def test_a_sweeps_jobs_come_from_its_params_and_command_line_whatever_its_folder
         write_run(folder, xgrad=xgrad == "on", seed=int(seed))
         # job #0 was first started on a GPU and not restarted since (it had completed): the device differs
         device = "cuda" if number == 0 else "cpu"
-        # the rerun writes out stage=grid, a key the folder names leave out: the runs first started without it
-        # hold their jobs, and so does one started with it (#1); one of another stage (#7) does not
+        # the rerun writes out stage=grid, a key the folder names leave out: the runs first started without it,
+        # whose config says grid, hold their jobs, and so does one started with it (#1); one started with another
+        # stage (#7), or without it but of another stage in its config (#4), does not
         stage = {1: ["stage=grid"], 7: ["stage=final"]}.get(number, [])
         overrides = ["experiment=fig", "scale=quick", *job.split(), f"trainer.device={device}", *stage]
         (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        with open(folder / ".hydra" / "config.yaml", "a") as config:
+            config.write(f"stage: {'final' if number == 4 else 'grid'}\n")
     (sweep / "other").mkdir()  # a run of the sweep's folder whose trainer.epochs is not the job's is not that job
     write_run(sweep / "other" / "0", data="x")
     (sweep / "other" / "0" / ".hydra" / "overrides.yaml").write_text("- trainer.epochs=7\n")
 
     unstarted = [run for run in load_runs([sweep]) if run.status == NOT_STARTED]
-    assert [run.described for run in unstarted] == [f"job #5: {jobs[5]}", f"job #6: {jobs[6]}", f"job #7: {jobs[7]}"]
+    assert [run.described for run in unstarted] == [f"job #{n}: {jobs[n]}" for n in (4, 5, 6, 7)]
     assert all(run.path == sweep.resolve() for run in unstarted)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from typing import Any
 
 from xgrad.schema import not_trained
@@ -59,14 +58,13 @@ def tuned_lr(base: float, root: Any) -> float:
     ``tuned.factor: chosen``, times the factor its arm's grid runs scored best on validation
     (xgrad/report/tuning.py). ValueError (one line) for anything else."""
     tuned = root.tuned
-    if tuned.factor != "chosen":
-        factor = tuned.factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
-            raise ValueError(f"tuned.factor={factor!r}: expected a positive number (the lr's factor) or 'chosen'")
-        return base * factor
-    from pathlib import Path
+    from xgrad.report.tuning import chosen_factor, is_factor
 
-    from xgrad.report.tuning import chosen_factor
+    if tuned.factor != "chosen":
+        if not is_factor(tuned.factor):
+            raise ValueError(f"tuned.factor={tuned.factor!r}: expected a positive number (the lr's factor) or 'chosen'")
+        return base * tuned.factor
+    from pathlib import Path
 
     grid = [float(factor) for factor in tuned.grid]
     factor = chosen_factor(Path(tuned.grid_dir), grid, root.data.name, root.model.name, root.optimizer.name,
@@ -77,7 +75,13 @@ def tuned_lr(base: float, root: Any) -> float:
 def sweep_values(values: Any) -> str:
     """A list as the comma-separated values of a Hydra sweep (``${xgrad_sweep:${tuned.grid}}``): the list is the
     one place its values are written."""
-    return ",".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values)
+    return ",".join(_shortest(value) if isinstance(value, float) else str(value) for value in values)
+
+
+def _shortest(value: float) -> str:
+    """``0.125``, ``1``, ``1e-05``: the short form where it is the same number, else every digit (``1.4142135623730951``)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -381,7 +381,7 @@ def unstarted_jobs(sweep: Path, runs: list[Run]) -> list[Run]:
         return [Run(path=sweep, status=UNREADABLE, reason=reason, described="the sweep's record of its jobs")]
     inside = [run for run in runs if run.path.is_relative_to(sweep)]
     unnamed = _sweep_wide(sweep, [job for job, _ in jobs])
-    held = {_job_key(run.overrides, unnamed) for run in inside if run.overrides is not None}
+    held = {_job_key(run.overrides, unnamed) for run in inside if run.overrides is not None and _implies(run, unnamed)}
     unrecorded = {run.path for run in inside if run.overrides is None}
     swept = [i for i in range(len(jobs[0][0])) if len({job[i] for job, _ in jobs}) > 1] if jobs else []
     missing = []
@@ -398,9 +398,10 @@ def _sweep_wide(sweep: Path, jobs: list[list[str]]) -> frozenset[str]:
     """The overrides every job of the sweep gives alike whose keys its run folders' names leave out
     (``hydra.job.config.override_dirname.exclude_keys``: ``tuned.stage=grid`` written out, say).
 
-    Such an override cannot tell the sweep's jobs apart, and a job finds the
-    same folder with it or without it, so a run started without it, or with
-    that same value, is that job. Empty when the record does not say.
+    Such an override cannot tell the sweep's jobs apart, so a run that gave
+    it alike, or whose config shows that value where it gave none
+    (:func:`_implies`), holds its job whether the job's overrides name it or
+    not. Empty when the record does not say.
     """
     from xgrad.trained_config import register_resolver
 
@@ -414,6 +415,24 @@ def _sweep_wide(sweep: Path, jobs: list[list[str]]) -> frozenset[str]:
         return frozenset()
     alike = set.intersection(*(set(job) for job in jobs)) if jobs else set()
     return frozenset(o for o in alike if _key(o) in excluded)
+
+
+def _implies(run: Run, unnamed: frozenset[str]) -> bool:
+    """Whether the run's config holds each of ``unnamed`` that its overrides do not give (``tuned.stage=grid``:
+    its ``tuned.stage`` is ``grid``). A group's choice (``optimizer=adamw``) is no key of the config: a run
+    that did not give it holds no job that does."""
+    given = {_key(o) for o in run.overrides or ()}
+    config = run.config or {}
+    for override in unnamed:
+        key, value = _key(override), override.partition("=")[2]
+        if key in given:
+            continue
+        try:
+            if key not in config or config[key] != yaml.safe_load(value):
+                return False
+        except yaml.YAMLError:
+            return False
+    return True
 
 
 def _key(override: str) -> str:

@@ -9,7 +9,7 @@ grid run scored best on the validation split (``best``: the best validation
 value over its epochs). Ties go to the factor nearest 1, the protocol's own lr. A grid run stopped by a
 non-finite training loss diverged at that lr: it scores the worst value there
 is (±inf), so its factor is never chosen, while a run that failed for any other
-reason, or never ran, leaves its point missing and the grid incomplete. The choice is made here,
+reason, or never ran, leaves its factor missing and the grid incomplete. The choice is made here,
 read from the grid's run directories, when a final job's config resolves
 (``${xgrad_tuned_lr:...}``, xgrad/trained_config.py), so the same command run
 again makes the same choice.
@@ -53,12 +53,17 @@ def grid_arms(grid_dir: Path, grid: list[float]) -> list[Arm]:
     modes: dict[tuple, str | None] = {}
     for run in load_runs([grid_dir]) if grid_dir.is_dir() else []:
         factor = run.config.get("tuned.factor") if run.config else None
-        diverged = run.status == "failed" and (run.reason or "").startswith(DIVERGED) and run.mode in ("max", "min")
-        if not (run.usable or diverged) or not _is_factor(factor):
+        if not is_factor(factor):
             continue
-        key = (run.data, run.model, run.optimizer, run.xgrad)
-        scored.setdefault(key, {})[float(factor)] = (-math.inf if run.mode == "max" else math.inf) if diverged else run.best
-        modes[key] = run.mode
+        key, factor = (run.data, run.model, run.optimizer, run.xgrad), float(factor)
+        diverged = run.status == "failed" and (run.reason or "").startswith(DIVERGED) and run.mode in ("max", "min")
+        scores = scored.setdefault(key, {})
+        if run.usable or diverged:
+            scores[factor] = (-math.inf if run.mode == "max" else math.inf) if diverged else run.best
+            modes[key] = run.mode
+        else:  # failed otherwise, or still running: that factor has no score yet, whether on the grid or beyond it
+            scores.setdefault(factor, None)
+            modes.setdefault(key, None)
     arms = []
     for key in sorted(scored):
         factors = tuple(sorted({*grid, *scored[key]}))
@@ -66,8 +71,9 @@ def grid_arms(grid_dir: Path, grid: list[float]) -> list[Arm]:
     return arms
 
 
-def _is_factor(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+def is_factor(value: object) -> bool:
+    """Whether ``value`` is a lr factor: a positive finite number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def choose(arm: Arm) -> float:
@@ -78,8 +84,8 @@ def choose(arm: Arm) -> float:
         raise ValueError(f"the lr grid of {arm.title} lacks {', '.join(missing)}: run the grid stage first "
                          "(python -m xgrad.train -m experiment=tuned)")  # fmt: skip
     if not any(math.isfinite(score) for score in arm.scores):
-        raise EveryFactorDiverged(f"every lr of the grid of {arm.title} diverged: widen tuned.grid towards smaller "
-                                  "factors")  # fmt: skip
+        raise EveryFactorDiverged(f"every lr of the grid of {arm.title} diverged: train it at smaller factors too "
+                                  "(tuned.factor=<f1>,<f2> on the grid's command, experiments/tuned.yaml)")  # fmt: skip
     sign = -1 if arm.mode == "max" else 1
     best = min(range(len(arm.factors)), key=lambda i: (sign * arm.scores[i], abs(math.log(arm.factors[i]))))
     return arm.factors[best]
@@ -112,7 +118,7 @@ def grid_notes(grid_dir: Path, grid: list[float]) -> list[str]:
 
 
 def _score(score: float | None) -> str:
-    """A grid point's score as the page shows it: its value, ``diverged``, or ``—`` where no run scored it."""
+    """A factor's score as the page shows it: its value, ``diverged``, or ``—`` where no run scored it."""
     if score is None:
         return "—"
     return f"{score:.4g}" if math.isfinite(score) else "diverged"
