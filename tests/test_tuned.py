@@ -10,7 +10,7 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import fail_at_step
+from conftest import fail_at_step, main_with
 from test_experiments import compose_job
 from test_reports import write_run
 from xgrad.engine import TrainingFailed
@@ -219,3 +219,29 @@ def test_the_arms_of_a_tuned_comparison_share_one_cell_in_the_dashboards():
     assert cell(baseline) != cell(xgrad)  # without the mark: two settings
     tuned = {"tuned.per_arm": ["optimizer.lr"]}
     assert cell({**baseline, **tuned}) == cell({**xgrad, **tuned}) != cell({**baseline, **tuned, "trainer.grad_clip": 1.0})
+
+
+def test_both_stages_run_as_hydra_sweeps_and_the_final_page_lists_the_grid(tmp_path, monkeypatch):
+    """The study's own commands, at test size: the grid sweep names its runs by factor, the final sweep's jobs read
+    it back and train at each arm's choice, and the final page lists each arm's grid scores."""
+    monkeypatch.chdir(tmp_path)
+    cell = ["-m", "experiment=tuned", "protocol=quick/mnist_vae", "optimizer=adam", "tuned.grid=[0.5,2.0]",
+            "data.batch_size=32", "trainer.limit_val_batches=1"]  # fmt: skip
+    assert main_with(monkeypatch, *cell) == 0
+    grid = tmp_path / "multirun/tuned/grid/mnist-vae/adam"
+
+    def folder(sweep, factor, xgrad):  # the run folder named by (among the test's own overrides) factor and arm
+        [found] = [p for p in sweep.iterdir() if f",tuned.factor={factor}," in f",{p.name}," and p.name.endswith(f"xgrad={xgrad}")]
+        return found
+
+    assert len(list(grid.iterdir())) == 4 and all(folder(grid, f, x) for f in ("0.5", "2") for x in ("off", "on"))
+    assert main_with(monkeypatch, *cell, "tuned.stage=final", "seed=0") == 0
+    page = (tmp_path / "results/converged/tuned.md").read_text()
+    for arm, xgrad in (("baseline", "off"), ("XGrad", "on")):
+        [line] = [line for line in page.splitlines() if f"lr grid, mnist · vae · adam · {arm} " in line]
+        scores = {f: json.loads((folder(grid, f, xgrad) / "summary.json").read_text())["best"] for f in ("0.5", "2")}
+        chosen = min(scores, key=scores.get)  # a loss: the lowest validation value
+        assert f"chosen ×{chosen}" in line, line
+        final = folder(tmp_path / "multirun/tuned/final/mnist-vae/adam", "chosen", xgrad)
+        trained = json.loads((final / "run.json").read_text())["config"]["optimizer.lr"]
+        assert trained == pytest.approx(1e-3 * float(chosen))
