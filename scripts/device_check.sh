@@ -8,7 +8,8 @@
 # --wheels DIR (default wheelhouse: `make wheelhouse`), --budget SECONDS (default 500 on the GPU, 170 at toy sizes).
 #
 # The budget bounds the whole check: each step runs under its own limit, the smaller of its cap (CAP below) and the
-# time left but RESERVE seconds for the records; a step that reaches its limit is stopped (its process group), a
+# time left but RESERVE seconds for the records; a step that reaches its limit is stopped (its process group: SIGTERM
+# GRACE seconds before the limit, SIGKILL at it, so that a step busy in one long kernel still ends in time), a
 # step with less than MIN_STEP seconds left is skipped, and either says so in the log and the summary. The device
 # tool allows 540 s per command: the default budget leaves 40 s for starting Python and writing the reports.
 #
@@ -48,7 +49,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 exec > >(tee "$OUT/check.log") 2>&1
 STARTED=$SECONDS
 BUDGET=${BUDGET:-$([ $TINY = 1 ] && echo 170 || echo 500)}
-RESERVE=15 MIN_STEP=10
+RESERVE=15 MIN_STEP=10 GRACE=5
 # each step's cap in seconds (the GPU's estimates with room; lstm1 takes what is left)
 declare -A CAP=([install]=60 [environment]=60 [models]=210 [bench]=60 [throughput]=100 [demo]=90 [lstm1]=100000
                 [records]=30)
@@ -89,8 +90,8 @@ limited() {  # limited SECONDS COMMAND...: COMMAND (a function too) in a process
   set -m  # job control: each background job gets its own process group, so a stop reaches its Python children
   "$@" &
   pid=$!
-  { sleep "$limit"; : > "$flag"; echo "stopped: the step's $limit s limit is up"; kill -TERM -- "-$pid"; sleep 5;
-    kill -KILL -- "-$pid"; } 2>/dev/null &
+  { sleep $((limit - GRACE)); : > "$flag"; echo "stopped: the step's $limit s limit is up"; kill -TERM -- "-$pid";
+    sleep "$GRACE"; kill -KILL -- "-$pid"; } 2>/dev/null &
   watchdog=$!
   set +m
   wait "$pid"
