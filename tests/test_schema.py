@@ -148,7 +148,7 @@ def test_the_sweep_jobs_of_every_experiment_pass_the_schema():
     from test_experiments import SWEEPS, compose_job, sweep_jobs
 
     experiments = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-    assert sorted({figure for figure, _ in SWEEPS} | {"overhead", "tuned"}) == experiments  # tuned: tests/test_tuned.py
+    assert sorted({figure for figure, _ in SWEEPS} | {"overhead", "tuned", "tuned_vae"}) == experiments  # tuned*: tests/test_tuned.py
     check(compose_job("overhead", "quick", ["protocol=quick/fashion_mnist_lenet"]))
     for experiment, scale in SWEEPS:
         jobs = sweep_jobs(experiment, scale)

@@ -41,6 +41,20 @@ def test_the_grid_stage_trains_every_arm_at_every_factor_of_the_protocols_lr_on_
         assert "\n" not in str(refused.value)
 
 
+def test_tuned_vae_is_tuneds_study_on_the_converged_vae_in_folders_and_pages_of_its_own():
+    """experiments/tuned_vae.yaml: the VAE trained to its plateau (the paper's 50 epochs on the full Fashion-MNIST),
+    the same grid and seeds as tuned, its sweeps and pages beside tuned's, never in them."""
+    for stage, seeds, results in (("grid", "100", "results/converged/tuned_vae_grid"), ("final", "0,1,2,3,4", "results/converged")):  # fmt: skip
+        cfg = compose_job("tuned_vae", "converged", [f"tuned.stage={stage}"], hydra=True)
+        params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+        assert params["protocol"] == "converged/fashion_mnist_vae" and params["seed"] == seeds, params
+        assert cfg.hydra.sweep.dir == f"multirun/tuned_vae/{stage}" and cfg.tuned.grid_dir == "multirun/tuned_vae/grid"
+        assert cfg.hydra.callbacks.reports.results == results and cfg.tuned.grid == STUDY_GRID
+    job = check(compose_job("tuned_vae", "converged", ["optimizer=sgdm", "xgrad=on", "tuned.factor=0.25", "seed=100"]))
+    assert (job.data.name, job.model.name, job.trainer.epochs, job.data.module["val_size"]) == ("fashion_mnist", "vae", 50, 5000)
+    assert job.optimizer.lr == pytest.approx(0.25 * 1e-3)  # the paper's VAE lr × the factor
+
+
 def test_a_stage_named_on_the_command_line_or_not_finds_the_same_run_folders():
     """The stage names the sweep folder (multirun/tuned/<stage>), not the runs in it: `tuned.stage=grid` written out
     on a rerun of the grid's command must resume its runs, not train them again beside them."""
