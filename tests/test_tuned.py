@@ -43,13 +43,14 @@ def test_the_grid_stage_trains_every_arm_at_every_factor_of_the_protocols_lr_on_
 
 def test_tuned_vae_is_tuneds_study_on_the_converged_vae_in_folders_and_pages_of_its_own():
     """experiments/tuned_vae.yaml: the VAE trained to its plateau (the paper's 50 epochs on the full Fashion-MNIST),
-    the same grid and seeds as tuned, its sweeps and pages beside tuned's, never in them."""
+    tuned's seeds over a 5-point grid of its own, its sweeps and pages beside tuned's, never in them."""
     for stage, seeds, results in (("grid", "100", "results/converged/tuned_vae_grid"), ("final", "0,1,2,3,4", "results/converged")):  # fmt: skip
         cfg = compose_job("tuned_vae", "converged", [f"tuned.stage={stage}"], hydra=True)
         params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
         assert params["protocol"] == "converged/fashion_mnist_vae" and params["seed"] == seeds, params
         assert cfg.hydra.sweep.dir == f"multirun/tuned_vae/{stage}" and cfg.tuned.grid_dir == "multirun/tuned_vae/grid"
-        assert cfg.hydra.callbacks.reports.results == results and cfg.tuned.grid == STUDY_GRID
+        assert cfg.hydra.callbacks.reports.results == results and cfg.tuned.grid == [0.5, 1.0, 2.0, 4.0, 8.0]
+        assert params["tuned.factor"] == ("0.5,1,2,4,8" if stage == "grid" else "chosen"), params
     job = check(compose_job("tuned_vae", "converged", ["optimizer=sgdm", "xgrad=on", "tuned.factor=0.25", "seed=100"]))
     assert (job.data.name, job.model.name, job.trainer.epochs, job.data.module["val_size"]) == ("fashion_mnist", "vae", 50, 5000)
     assert job.optimizer.lr == pytest.approx(0.25 * 1e-3)  # the paper's VAE lr × the factor
