@@ -24,7 +24,7 @@ def test_the_device_check_runs_every_step_on_the_cpu_at_toy_sizes(tmp_path):
     made = subprocess.run(["make", "-s", "device-data", f"DEVICE_DATA={data}", f"PY={sys.executable}"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
-    # a budget for CPUs without fast bf16 and for busy ones (its toy models step took 210 s here at eight images a batch)
+    # a budget for CPUs without fast bf16 and for busy ones (at eight images a batch its toy models step reached its 210 s cap)
     check = subprocess.run(["bash", "scripts/device_check.sh", str(out), "--cpu", "--tiny", "--data", str(data),
                             "--budget", "480"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     log = check.stdout + check.stderr

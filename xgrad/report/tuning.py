@@ -82,10 +82,10 @@ def choose(arm: Arm) -> float:
     missing = [f"×{f:g}" for f, score in zip(arm.factors, arm.scores) if score is None or math.isnan(score)]
     if missing:
         raise ValueError(f"the lr grid of {arm.title} lacks {', '.join(missing)}: run the grid stage first "
-                         "(python -m xgrad.train -m experiment=tuned)")  # fmt: skip
+                         "(the study's command without tuned.stage=final)")  # fmt: skip
     if not any(math.isfinite(score) for score in arm.scores):
         raise EveryFactorDiverged(f"every lr of the grid of {arm.title} diverged: train it at smaller factors too "
-                                  "(tuned.factor=<f1>,<f2> on the grid's command, experiments/tuned.yaml)")  # fmt: skip
+                                  "(tuned.factor=<f1>,<f2> on the grid's command, as experiments/tuned.yaml shows)")  # fmt: skip
     sign = -1 if arm.mode == "max" else 1
     best = min(range(len(arm.factors)), key=lambda i: (sign * arm.scores[i], abs(math.log(arm.factors[i]))))
     return arm.factors[best]
@@ -97,7 +97,7 @@ def chosen_factor(grid_dir: Path, grid: list[float], data: str, model: str, opti
         if (arm.data, arm.model, arm.optimizer, arm.xgrad) == (data, model, optimizer, xgrad):
             return choose(arm)
     raise ValueError(f"no lr grid for {data} · {model} · {optimizer} · {'XGrad' if xgrad else 'baseline'} in "
-                     f"{grid_dir}: run the grid stage first (python -m xgrad.train -m experiment=tuned)")  # fmt: skip
+                     f"{grid_dir}: run the grid stage first (the study's command without tuned.stage=final)")  # fmt: skip
 
 
 def grid_notes(grid_dir: Path, grid: list[float]) -> list[str]:
